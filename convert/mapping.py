@@ -1,0 +1,183 @@
+"""Mechanical PyTorch state-dict -> Flax parameter-tree mapping (STYLE §2.4).
+
+Every Flax module in `pasd_jax` is built with `setup()` attribute names equal to the PyTorch
+attribute names, so a torch key maps to a Flax path by five uniform steps and no rename table:
+
+1. split on "." and fold each integer part into the part before it
+   (`down_blocks.0.resnets.1` -> `down_blocks_0/resnets_1`, `ff.net.2` -> `ff/net_2`);
+2. take the leaf name from the *target* tree: torch `weight` becomes whichever of
+   `kernel` / `scale` / `embedding` the Flax module has at that path;
+3. transpose: Linear (out, in) -> (in, out); Conv2d OIHW -> HWIO;
+4. cast to the target dtype;
+5. check strictly: every target leaf filled, no source key left over, every shape equal.
+
+The target tree is usually `jax.eval_shape(module.init, ...)["params"]`, so no memory is spent
+on random weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+# Torch leaf name -> candidate Flax leaf names, in order of preference.
+_LEAF_CANDIDATES = {
+    "weight": ("kernel", "scale", "embedding"),
+    "bias": ("bias",),
+}
+
+# Buffers some checkpoints carry that are not parameters (recomputed by our modules).
+IGNORED_SOURCE_KEYS = (
+    re.compile(r"(^|\.)position_ids$"),
+)
+
+
+# Torch attribute names that end in `_<digit>` but are not list indices (TimestepEmbedding).
+_UNFOLDED_NAMES = frozenset({"linear_1", "linear_2"})
+
+
+class ConversionError(ValueError):
+    """A state dict does not fit the target parameter tree; the message lists every problem."""
+
+
+def fold_key(torch_key: str) -> list[str]:
+    """Split a torch key on '.' and fold integer parts into their predecessor.
+
+    >>> fold_key("up_blocks.1.attentions.0.to_out.0.weight")
+    ['up_blocks_1', 'attentions_0', 'to_out_0', 'weight']
+    """
+    parts: list[str] = []
+    for part in torch_key.split("."):
+        if part.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}_{part}"
+        else:
+            parts.append(part)
+    return parts
+
+
+def flatten_tree(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """Nested dict -> {path tuple: leaf}."""
+    flat = {}
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten_tree(flat: Mapping[tuple[str, ...], object]) -> dict:
+    """{path tuple: leaf} -> nested dict."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _to_flax_layout(array: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+    """Transpose a torch tensor into the Flax layout of the target leaf."""
+    if leaf == "kernel":
+        if array.ndim == 4 and target_ndim == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
+            return np.transpose(array, (2, 3, 1, 0))
+        if array.ndim == 2 and target_ndim == 2:  # Linear (out, in) -> (in, out)
+            return np.transpose(array, (1, 0))
+    return array
+
+
+def _from_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Inverse of `_to_flax_layout` (used by export and tests)."""
+    if leaf == "kernel":
+        if array.ndim == 4:
+            return np.transpose(array, (3, 2, 0, 1))
+        if array.ndim == 2:
+            return np.transpose(array, (1, 0))
+    return array
+
+
+def _format_problems(title: str, items: Iterable[str], limit: int = 40) -> str:
+    items = sorted(items)
+    shown = "\n".join(f"    {item}" for item in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, what: str = "model") -> dict:
+    """Map a torch state dict (numpy arrays, torch names) onto the Flax tree `target`.
+
+    Args:
+      state_dict: torch key -> array in PyTorch layout (any float dtype).
+      target: nested dict of leaves with `.shape` and `.dtype` (e.g. `jax.ShapeDtypeStruct`).
+      what: name used in error messages (a file path or component name).
+
+    Returns:
+      Nested dict of numpy arrays with exactly the target's paths, shapes and dtypes.
+
+    Raises:
+      ConversionError listing every missing, unexpected and shape-mismatched key.
+    """
+    target_flat = flatten_tree(target)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched, mismatched_paths = [], [], set()
+    for key, value in state_dict.items():
+        if any(pattern.search(key) for pattern in IGNORED_SOURCE_KEYS):
+            continue
+        parts = fold_key(key)
+        leaf_candidates = _LEAF_CANDIDATES.get(parts[-1], (parts[-1],))
+        path = None
+        for leaf in leaf_candidates:
+            candidate = tuple(parts[:-1]) + (leaf,)
+            if candidate in target_flat:
+                path = candidate
+                break
+        if path is None:
+            unexpected.append(key)
+            continue
+        spec = target_flat[path]
+        array = _to_flax_layout(np.asarray(value), path[-1], len(spec.shape))
+        if tuple(array.shape) != tuple(spec.shape):
+            mismatched.append(
+                f"{key}: checkpoint {tuple(np.shape(value))} -> {tuple(array.shape)}, "
+                f"model expects {tuple(spec.shape)} at {'/'.join(path)}"
+            )
+            mismatched_paths.add(path)
+            continue
+        out[path] = array.astype(np.dtype(spec.dtype), copy=False)
+    missing = ["/".join(p) for p in target_flat if p not in out and p not in mismatched_paths]
+    if unexpected or missing or mismatched:
+        parts = [f"state dict of {what} does not match the model:"]
+        if missing:
+            parts.append(_format_problems("missing (model parameters with no checkpoint key)", missing))
+        if unexpected:
+            parts.append(_format_problems("unexpected (checkpoint keys the model does not have)", unexpected))
+        if mismatched:
+            parts.append(_format_problems("shape mismatch", mismatched))
+        raise ConversionError("\n".join(parts))
+    return unflatten_tree(out)
+
+
+def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
+    """Inverse mapping: Flax tree -> torch-named state dict in PyTorch layout.
+
+    Folded `name_N` parts are split back into `name.N` (except torch attribute names that
+    themselves end in `_N`, listed in `_UNFOLDED_NAMES`); kernel/scale/embedding become `weight`.
+    """
+    state = {}
+    for path, value in flatten_tree(params).items():
+        leaf = path[-1]
+        torch_parts = []
+        for part in path[:-1]:
+            match = re.fullmatch(r"(.+?)_(\d+)", part)
+            if match and part not in _UNFOLDED_NAMES:
+                torch_parts.extend([match.group(1), match.group(2)])
+            else:
+                torch_parts.append(part)
+        torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+        key = ".".join(torch_parts + [torch_leaf])
+        state[key] = np.ascontiguousarray(_from_flax_layout(np.asarray(value), leaf))
+    return state

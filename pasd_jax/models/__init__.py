@@ -1,0 +1,1 @@
+"""Full models: PASD UNet, PASD ControlNet, AutoencoderKL, CLIP text encoder."""

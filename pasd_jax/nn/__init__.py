@@ -1,0 +1,1 @@
+"""Flax building blocks mirroring diffusers' SD modules (NHWC, `setup()` names = torch names)."""

@@ -1,0 +1,126 @@
+"""ResNet block, down/up-samplers and the conv / norm factories shared by all models.
+
+Mirrors diffusers `ResnetBlock2D`, `Downsample2D` and `Upsample2D` (SD1.x/SD2.x semantics).
+Everything is NHWC; parameter names equal the torch attribute names (`norm1`, `conv1`,
+`time_emb_proj`, `conv_shortcut`, `conv`), so conversion is mechanical.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def conv2d(features: int, kernel: int = 3, *, stride: int = 1, padding: Optional[int] = None,
+           dtype=jnp.float32, param_dtype=jnp.float32, name: Optional[str] = None) -> nn.Conv:
+    """A torch-style `Conv2d` with symmetric explicit padding (default `(kernel-1)//2`).
+
+    Explicit padding matters: Flax "SAME" pads (0, 1) for stride-2 convs on even inputs, torch
+    pads (1, 1), which picks different pixels (PASD_REFERENCE §10).
+    """
+    pad = (kernel - 1) // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def group_norm(num_groups: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               name: Optional[str] = None) -> nn.GroupNorm:
+    """torch `GroupNorm` over the channel (last) axis; statistics in float32, two-pass variance."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False,
+                        dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def nearest_resize(x: jnp.ndarray, size: Sequence[int]) -> jnp.ndarray:
+    """torch `interpolate(mode="nearest")` to `size` = (H', W'): out[i] = in[floor(i·H/H')].
+
+    `jax.image.resize(method="nearest")` uses half-pixel centres and picks other pixels, so the
+    index is computed explicitly. An exact ×2 is a plain repeat. x: [B, H, W, C].
+    """
+    h, w = x.shape[1], x.shape[2]
+    out_h, out_w = int(size[0]), int(size[1])
+    if (out_h, out_w) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = (jnp.arange(out_h) * h) // out_h
+    cols = (jnp.arange(out_w) * w) // out_w
+    return x[:, rows][:, :, cols]
+
+
+class ResnetBlock2D(nn.Module):
+    """Mirrors diffusers `ResnetBlock2D` (resnet_time_scale_shift="default", dropout 0).
+
+    `h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb))`; `h = conv2(SiLU(norm2(h)))`;
+    `out = (shortcut(x) + h) / output_scale_factor`. x: [B, H, W, Cin] -> [B, H, W, Cout].
+    `temb_channels=None` (VAE) drops the time projection.
+    """
+
+    in_channels: int
+    out_channels: int
+    temb_channels: Optional[int] = None
+    groups: int = 32
+    groups_out: Optional[int] = None
+    eps: float = 1e-5
+    output_scale_factor: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm1 = group_norm(self.groups, self.eps, **kw)
+        self.conv1 = conv2d(self.out_channels, 3, **kw)
+        if self.temb_channels is not None:
+            self.time_emb_proj = nn.Dense(self.out_channels, **kw)
+        self.norm2 = group_norm(self.groups_out or self.groups, self.eps, **kw)
+        self.conv2 = conv2d(self.out_channels, 3, **kw)
+        if self.in_channels != self.out_channels:
+            self.conv_shortcut = conv2d(self.out_channels, 1, **kw)
+
+    def __call__(self, x: jnp.ndarray, temb: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        if self.temb_channels is not None:
+            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Mirrors diffusers `Downsample2D` with a conv: 3×3 stride 2.
+
+    `padding=1` (UNet) pads symmetrically; `padding=0` (VAE encoder) pads (0, 1) on H and W first,
+    as diffusers does. [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), Cout].
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.conv = conv2d(self.out_channels, 3, stride=2, padding=self.padding,
+                           dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Mirrors diffusers `Upsample2D` with a conv: nearest ×2 (or to `output_size`) then 3×3 conv."""
+
+    out_channels: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.conv = conv2d(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, x: jnp.ndarray, output_size: Optional[Sequence[int]] = None) -> jnp.ndarray:
+        size = (2 * x.shape[1], 2 * x.shape[2]) if output_size is None else output_size
+        return self.conv(nearest_resize(x, size))
