@@ -107,6 +107,20 @@ def _format_problems(title: str, items: Iterable[str], limit: int = 40) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
+def _resolve_aliases(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """diffusers registers the down/upsampler conv twice (`conv` and the legacy `Conv2d_0`); a
+    live `state_dict()` holds both, saved files usually one. Keep `conv`, read `Conv2d_0` as it."""
+    resolved = {}
+    for key, value in state_dict.items():
+        if ".Conv2d_0." in key or key.startswith("Conv2d_0."):
+            alias = key.replace("Conv2d_0.", "conv.")
+            if alias in state_dict:
+                continue
+            key = alias
+        resolved[key] = value
+    return resolved
+
+
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, what: str = "model") -> dict:
     """Map a torch state dict (numpy arrays, torch names) onto the Flax tree `target`.
 
@@ -122,6 +136,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, what
       ConversionError listing every missing, unexpected and shape-mismatched key.
     """
     target_flat = flatten_tree(target)
+    state_dict = _resolve_aliases(state_dict)
     out: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched, mismatched_paths = [], [], set()
     for key, value in state_dict.items():

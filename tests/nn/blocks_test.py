@@ -1,0 +1,137 @@
+"""Block-level parity of `pasd_jax.nn` against diffusers (fp32, ~1e-5 per block)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pasd_jax.nn.attention import Attention, Transformer2DModel
+from pasd_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, nearest_resize
+from pasd_jax.nn.unet_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, UpBlock2D
+from tests.torch_oracle import assert_close, flax_params_from_torch, nchw, nhwc, randomize_norms
+
+torch = pytest.importorskip("torch")
+from diffusers.models.attention_processor import Attention as TorchAttention  # noqa: E402
+from diffusers.models.resnet import Downsample2D as TorchDownsample2D  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D  # noqa: E402
+from diffusers.models.resnet import Upsample2D as TorchUpsample2D  # noqa: E402
+from diffusers.models.transformers.transformer_2d import Transformer2DModel as TorchTransformer2D  # noqa: E402
+from diffusers.models.unets import unet_2d_blocks as tblocks  # noqa: E402
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cin,cout", [(32, 32), (32, 64)])
+def test_resnet_block(cin, cout):
+    torch.manual_seed(0)
+    ref = TorchResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=16, groups=16, eps=1e-5).eval()
+    randomize_norms(ref)
+    x, temb = _randn(2, cin, 7, 5), _randn(2, 16, seed=1)
+    ours = ResnetBlock2D(cin, cout, 16, groups=16)
+    params = flax_params_from_torch(ref, ours, nhwc(x), temb.numpy())
+    got = ours.apply({"params": params}, nhwc(x), temb.numpy())
+    assert_close(nchw(got), ref(x, temb).detach().numpy())
+
+
+@pytest.mark.parametrize("size", [(8, 6), (7, 5)])
+def test_downsample_symmetric_padding(size):
+    torch.manual_seed(0)
+    ref = TorchDownsample2D(16, use_conv=True, out_channels=16, padding=1).eval()
+    x = _randn(1, 16, *size)
+    ours = Downsample2D(16, padding=1)
+    params = flax_params_from_torch(ref, ours, nhwc(x))
+    got = ours.apply({"params": params}, nhwc(x))
+    assert_close(nchw(got), ref(x).detach().numpy())
+
+
+@pytest.mark.parametrize("out_size", [None, (12, 15), (17, 12)])
+def test_upsample_to_size(out_size):
+    torch.manual_seed(0)
+    ref = TorchUpsample2D(16, use_conv=True, out_channels=16).eval()
+    in_size = (6, 8) if out_size in (None, (12, 15)) else (9, 6)
+    x = _randn(1, 16, *in_size)
+    ours = Upsample2D(16)
+    params = flax_params_from_torch(ref, ours, nhwc(x))
+    got = ours.apply({"params": params}, nhwc(x), out_size)
+    want = ref(x, output_size=out_size).detach().numpy()
+    assert got.shape[1:3] == want.shape[2:]
+    assert_close(nchw(got), want)
+
+
+def test_nearest_resize_matches_torch_floor_index():
+    x = np.arange(2 * 5 * 3 * 1, dtype=np.float32).reshape(2, 5, 3, 1)
+    for size in [(9, 5), (10, 6), (3, 7), (17, 4)]:
+        want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size, mode="nearest")
+        assert np.array_equal(nchw(nearest_resize(jnp.asarray(x), size)), want.numpy())
+
+
+@pytest.mark.parametrize("cross", [None, 24])
+def test_attention(cross):
+    torch.manual_seed(0)
+    ref = TorchAttention(query_dim=32, heads=4, dim_head=8, cross_attention_dim=cross).eval()
+    x = _randn(2, 11, 32)
+    ctx = _randn(2, 5, cross, seed=1) if cross else None
+    ours = Attention(32, 4, 8, cross_attention_dim=cross)
+    args = (x.numpy(),) + ((ctx.numpy(),) if cross else ())
+    params = flax_params_from_torch(ref, ours, *args)
+    got = ours.apply({"params": params}, *args)
+    assert_close(got, ref(x, ctx).detach().numpy())
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_transformer2d(linear):
+    torch.manual_seed(0)
+    ref = TorchTransformer2D(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=2,
+                             cross_attention_dim=24, norm_num_groups=16, use_linear_projection=linear,
+                             upcast_attention=linear).eval()
+    randomize_norms(ref)
+    x, ctx = _randn(2, 32, 5, 7), _randn(2, 6, 24, seed=1)
+    ours = Transformer2DModel(32, 2, 16, num_layers=2, cross_attention_dim=24, norm_num_groups=16,
+                              use_linear_projection=linear, upcast_attention=linear)
+    params = flax_params_from_torch(ref, ours, nhwc(x), ctx.numpy())
+    got = ours.apply({"params": params}, nhwc(x), ctx.numpy())
+    want = ref(x, encoder_hidden_states=ctx).sample.detach().numpy()
+    assert_close(nchw(got), want)
+
+
+def test_cross_attn_down_block():
+    torch.manual_seed(0)
+    ref = tblocks.CrossAttnDownBlock2D(in_channels=16, out_channels=32, temb_channels=20, num_layers=2,
+                                       resnet_groups=8, num_attention_heads=2, cross_attention_dim=24,
+                                       add_downsample=True, downsample_padding=1).eval()
+    randomize_norms(ref)
+    x, temb, ctx = _randn(1, 16, 9, 6), _randn(1, 20, seed=1), _randn(1, 4, 24, seed=2)
+    ours = CrossAttnDownBlock2D(in_channels=16, out_channels=32, temb_channels=20, num_layers=2, resnet_groups=8,
+                                heads=2, cross_attention_dim=24)
+    args = (nhwc(x), temb.numpy(), ctx.numpy())
+    params = flax_params_from_torch(ref, ours, *args)
+    h, skips = ours.apply({"params": params}, *args)
+    want_h, want_skips = ref(x, temb, encoder_hidden_states=ctx)
+    assert_close(nchw(h), want_h.detach().numpy())
+    assert len(skips) == len(want_skips) == 3
+    for got, want in zip(skips, want_skips):
+        assert_close(nchw(got), want.detach().numpy())
+
+
+@pytest.mark.parametrize("cross_attn", [False, True])
+def test_stock_up_blocks_with_odd_upsample_size(cross_attn):
+    torch.manual_seed(0)
+    common = dict(in_channels=16, prev_output_channel=32, out_channels=32, temb_channels=20, num_layers=3,
+                  resnet_groups=8, add_upsample=True)
+    if cross_attn:
+        ref = tblocks.CrossAttnUpBlock2D(num_attention_heads=2, cross_attention_dim=24, **common).eval()
+        ours = CrossAttnUpBlock2D(heads=2, cross_attention_dim=24, **common)
+    else:
+        ref = tblocks.UpBlock2D(**common).eval()
+        ours = UpBlock2D(**common)
+    randomize_norms(ref)
+    h, temb, ctx = _randn(1, 32, 4, 3), _randn(1, 20, seed=1), _randn(1, 4, 24, seed=2)
+    skips = (_randn(1, 16, 4, 3, seed=3), _randn(1, 32, 4, 3, seed=4), _randn(1, 32, 4, 3, seed=5))
+    args = (nhwc(h), tuple(nhwc(s) for s in skips), temb.numpy(), ctx.numpy(), None, (7, 5))
+    params = flax_params_from_torch(ref, ours, *args)
+    got = ours.apply({"params": params}, *args)
+    kwargs = dict(encoder_hidden_states=ctx) if cross_attn else {}
+    want = ref(h, skips, temb, upsample_size=(7, 5), **kwargs).detach().numpy()
+    assert got.shape == (1, 7, 5, 32)
+    assert_close(nchw(got), want)
