@@ -153,6 +153,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, what
         if path is None:
             unexpected.append(key)
             continue
+        if path in out or path in mismatched_paths:  # two torch keys folding onto one Flax path
+            unexpected.append(f"{key} (maps onto {'/'.join(path)}, already filled by another key)")
+            continue
         spec = target_flat[path]
         array = _to_flax_layout(np.asarray(value), path[-1], len(spec.shape))
         if tuple(array.shape) != tuple(spec.shape):

@@ -1,0 +1,392 @@
+"""Read PyTorch checkpoints into numpy without torch and without running code from the file.
+
+Mirrors what `diffusers`/`transformers` `load_state_dict` do for a component folder, minus torch:
+
+* `.safetensors` through `safetensors.safe_open(framework="numpy")`; bf16/fp8 tensors come back as
+  `ml_dtypes` arrays (a raw header + buffer reader takes over where the installed safetensors
+  cannot hand such dtypes to numpy);
+* `.bin` / `.pt` / `.pth` / `.ckpt` pickles in torch's zip format (torch >= 1.6) through a
+  restricted `pickle.Unpickler`. Every global the pickle names is checked against a short allow
+  list *before* unpickling starts, and allowed names resolve to stand-ins defined here (never to
+  torch or to the named module), so nothing from the file is executed. Anything else raises
+  `UnsafeCheckpointError` naming the file and the global.
+
+Tensors come back in PyTorch layout and dtype; `convert.mapping` does the layout change.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import io
+import json
+import os
+import pickle
+import pickletools
+import zipfile
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+
+PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_EXTENSION = ".safetensors"
+
+# Preferred first: diffusers, transformers; safetensors before pickles; single file before shards.
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+PICKLE_NAMES = ("diffusion_pytorch_model", "pytorch_model")
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file cannot be read (truncated, corrupt, empty, unknown format)."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A pickle names a global outside the weights-only allow list; nothing was executed."""
+
+
+# ---- safetensors ---------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors reference implementation enforces
+
+
+def read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
+    """Parse the safetensors layout directly: 8-byte little-endian header length, a JSON header
+    `{name: {dtype, shape, data_offsets}}`, then the byte buffer. Arrays are read-only memmaps."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointReadError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointReadError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointReadError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointReadError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.empty(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointReadError(f"{path}: bad safetensors header entry for {name!r}: {info!r}") from None
+        if not 0 <= begin <= end <= buffer.size or end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise CheckpointReadError(f"{path}: tensor {name!r} lies outside the file or has the wrong "
+                                      f"byte size (offsets {begin}..{end}, buffer {buffer.size} bytes); "
+                                      f"the file is truncated or corrupt")
+        out[name] = buffer[begin:end].view(dtype).reshape(shape)
+    return out
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as err:
+        raise CheckpointReadError(f"{path}: not a readable safetensors file ({err})") from None
+    except (TypeError, ValueError, KeyError):
+        # Older safetensors cannot give numpy a bf16/fp8 array; read the buffer ourselves.
+        return read_safetensors_raw(path)
+
+
+# ---- torch zip pickles ---------------------------------------------------------------------
+class _StorageType:
+    """Stand-in for `torch.FloatStorage` & co.: only carries the element dtype."""
+
+    def __init__(self, name: str, dtype):
+        self.name, self.dtype = name, np.dtype(dtype)
+
+    def __repr__(self):
+        return f"<{self.name}>"
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
+    "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+_TORCH_DTYPES = {
+    "float32": np.float32, "float": np.float32, "float16": np.float16, "half": np.float16,
+    "bfloat16": ml_dtypes.bfloat16, "float64": np.float64, "double": np.float64, "int64": np.int64,
+    "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
+    "uint8": np.uint8, "bool": np.bool_,
+}
+_TENSOR_TYPE = object()  # stand-in for torch.Tensor / nn.Parameter in `_rebuild_from_type_v2`
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` whose `find_class` resolves only the globals a weights file needs, each
+    to a local stand-in (torch's `weights_only` unpickler, reimplemented without torch)."""
+
+    def __init__(self, data: bytes, path: str, read_record, big_endian: bool):
+        super().__init__(io.BytesIO(data))
+        self._path, self._read_record, self._big_endian = path, read_record, big_endian
+        self._storages: dict[str, np.ndarray] = {}
+        self._allowed = allowed_globals(self)
+
+    def find_class(self, module, name):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(_unsafe_message(self._path, f"{module}.{name}")) from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+            raise CheckpointReadError(f"{self._path}: unexpected persistent id {pid!r} in data.pkl")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            raw = self._read_record(f"data/{key}")
+            if len(raw) != int(numel) * storage_type.dtype.itemsize:
+                raise CheckpointReadError(f"{self._path}: storage {key} holds {len(raw)} bytes, the "
+                                          f"pickle expects {numel} x {storage_type.dtype}; file is corrupt")
+            array = np.frombuffer(raw, storage_type.dtype)
+            self._storages[key] = array.byteswap() if self._big_endian else array
+        return self._storages[key]
+
+    # Stand-ins for torch._utils rebuild functions: storage (1-D numpy) -> strided copy.
+    def rebuild_tensor(self, storage, offset, size, stride, *_ignored):
+        size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+        offset = int(offset)
+        if not isinstance(storage, np.ndarray) or len(size) != len(stride) or offset < 0 \
+                or any(s < 0 for s in size + stride):
+            raise CheckpointReadError(f"{self._path}: malformed tensor record (size {size}, stride {stride})")
+        if 0 in size:
+            return np.empty(size, storage.dtype)
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.size:
+            raise CheckpointReadError(f"{self._path}: tensor of size {size} reaches past its storage "
+                                      f"({storage.size} elements); file is corrupt")
+        view = np.lib.stride_tricks.as_strided(storage[offset:], size,
+                                               tuple(s * storage.itemsize for s in stride), writeable=False)
+        return np.array(view)
+
+    @staticmethod
+    def rebuild_parameter(data, *_ignored):
+        return data
+
+    @staticmethod
+    def rebuild_from_type(func, new_type, args, _state=None):
+        if new_type is not _TENSOR_TYPE:
+            raise CheckpointReadError(f"tensor subclass {new_type!r} is not supported")
+        return func(*args)
+
+    @staticmethod
+    def codecs_encode(text, encoding="utf-8"):
+        if encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii") or not isinstance(text, str):
+            raise CheckpointReadError(f"_codecs.encode with {encoding!r} is not allowed")
+        return codecs.encode(text, encoding)
+
+
+def allowed_globals(unpickler: _WeightsUnpickler | None = None) -> dict[tuple[str, str], object]:
+    """The allow list: (module, name) -> stand-in. Without an unpickler, values are placeholders
+    (used by the pre-scan, which only needs the names)."""
+    u = unpickler
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): u and u.rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): u and u.rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): u and u.rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): u and u.rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): u and u.rebuild_from_type,
+        ("torch", "Tensor"): _TENSOR_TYPE,
+        ("torch.nn.parameter", "Parameter"): _TENSOR_TYPE,
+        ("torch", "Size"): tuple,
+        ("_codecs", "encode"): u and u.codecs_encode,
+        ("torch", "UntypedStorage"): _StorageType("UntypedStorage", np.uint8),
+        ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.uint8),
+    }
+    for name, dtype in _STORAGE_DTYPES.items():
+        allowed[("torch", name)] = _StorageType(name, dtype)
+    for name, dtype in _TORCH_DTYPES.items():
+        allowed[("torch", name)] = np.dtype(dtype)
+    return allowed
+
+
+def _unsafe_message(path: str, global_name: str) -> str:
+    return (f"{path}: refusing to load: the pickle references {global_name} (a plain weights file holds "
+            f"only tensors, storages and dicts); nothing from the file was executed. Re-save the state "
+            f"dict alone, ideally as .safetensors")
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+               "BINSTRING", "STRING"}
+
+
+def scan_pickle_globals(data: bytes, path: str) -> set[str]:
+    """Every `module.name` global the pickle stream refers to, found without unpickling.
+
+    STACK_GLOBAL (protocol >= 4) takes its names from the stack; they are resolved when pushed as
+    string literals or memo references to them, otherwise the file is refused.
+    """
+    found, memo, stack_strings = set(), {}, []
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                found.add(arg.replace(" ", ".", 1))
+            elif name == "STACK_GLOBAL":
+                if len(stack_strings) < 2 or None in stack_strings[-2:]:
+                    raise UnsafeCheckpointError(_unsafe_message(path, "a computed STACK_GLOBAL"))
+                found.add(f"{stack_strings[-2]}.{stack_strings[-1]}")
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                raise UnsafeCheckpointError(_unsafe_message(path, f"copyreg extension code {arg}"))
+            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack_strings[-1] if stack_strings else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack_strings[-1] if stack_strings else None
+            elif name in _STRING_OPS:
+                stack_strings.append(arg)
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack_strings.append(memo.get(arg))
+            elif name != "FRAME":
+                stack_strings.append(None)
+    except ValueError as err:
+        raise CheckpointReadError(f"{path}: data.pkl is not a valid pickle ({err})") from None
+    return found
+
+
+def _read_torch_zip(path: str) -> object:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointReadError(f"{path}: torch zip archive is corrupt or truncated ({err})") from None
+    with archive:
+        names = archive.namelist()
+        pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not pkls:
+            kind = "a TorchScript archive" if any(n.endswith("/constants.pkl") for n in names) else "not a torch checkpoint"
+            raise CheckpointReadError(f"{path}: {kind} (no <archive>/data.pkl); expected torch.save(state_dict)")
+        prefix = pkls[0][: -len("data.pkl")]
+
+        def read_record(name: str) -> bytes:
+            try:
+                return archive.read(prefix + name)
+            except KeyError:
+                raise CheckpointReadError(f"{path}: archive has no record {prefix + name}") from None
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise CheckpointReadError(f"{path}: cannot read {prefix + name} ({err})") from None
+
+        data = read_record("data.pkl")
+        big = prefix + "byteorder" in names and read_record("byteorder").strip() == b"big"
+        allowed = {".".join(key) for key in allowed_globals()}
+        forbidden = sorted(scan_pickle_globals(data, path) - allowed)
+        if forbidden:
+            raise UnsafeCheckpointError(_unsafe_message(path, ", ".join(forbidden)))
+        try:
+            return _WeightsUnpickler(data, path, read_record, big).load()
+        except CheckpointReadError:
+            raise
+        except Exception as err:  # malformed pickle content: report, never half-load
+            raise CheckpointReadError(f"{path}: cannot unpickle data.pkl ({type(err).__name__}: {err})") from None
+
+
+def _read_torch_pickle(path: str) -> object:
+    if zipfile.is_zipfile(path):
+        return _read_torch_zip(path)
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if start == b"\x80\x02":
+        raise CheckpointReadError(f"{path}: legacy (torch < 1.6, non-zip) serialization is not supported; "
+                                  f"re-save it with a current torch.save or as .safetensors")
+    raise CheckpointReadError(f"{path}: not a torch zip checkpoint (corrupt, truncated, or another format)")
+
+
+def _as_state_dict(obj: object, path: str) -> dict[str, np.ndarray]:
+    """Accept `{name: tensor}` or `{"state_dict": {name: tensor}, ...}` (Lightning-style .ckpt)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointReadError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
+           if not (isinstance(k, str) and isinstance(v, np.ndarray))]
+    if bad:
+        raise CheckpointReadError(f"{path}: not a flat state dict of tensors; {len(bad)} entries are not "
+                                  f"name -> tensor: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return dict(obj)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A checkpoint file -> flat `{torch key: numpy array}` (PyTorch layout and dtype).
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      CheckpointReadError: empty, truncated or corrupt file, or an unsupported extension.
+      UnsafeCheckpointError: a pickle that references anything besides tensors and dicts.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointReadError(f"{path}: file is empty (0 bytes)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == SAFETENSORS_EXTENSION:
+        return _read_safetensors(path)
+    if ext in PICKLE_EXTENSIONS:
+        return _as_state_dict(_read_torch_pickle(path), path)
+    raise CheckpointReadError(f"{path}: unsupported extension {ext or '(none)'!r}; expected "
+                              f"{SAFETENSORS_EXTENSION} or one of {', '.join(PICKLE_EXTENSIONS)}")
+
+
+def find_weights_file(folder: str | os.PathLike, variant: str | None = None) -> str:
+    """The weights file (or shard index) of a diffusers/transformers component folder.
+
+    Order: `diffusion_pytorch_model`/`model` `.safetensors`, their `.safetensors.index.json`, then
+    `diffusion_pytorch_model`/`pytorch_model` `.bin` and `.bin.index.json`. `variant` ("fp16")
+    inserts itself before the extension, as diffusers' `variant=` does.
+    """
+    folder = os.fspath(folder)
+    suffix = f".{variant}" if variant else ""
+    candidates = [f"{n}{suffix}.safetensors" for n in WEIGHT_NAMES]
+    candidates += [f"{n}{suffix}.safetensors.index.json" for n in WEIGHT_NAMES]
+    candidates += [f"{n}{suffix}.bin" for n in PICKLE_NAMES] + [f"{n}{suffix}.bin.index.json" for n in PICKLE_NAMES]
+    for name in candidates:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    present = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".json")))
+    variants = sorted({n.split(".")[1] for n in present if n.count(".") >= 2 and n.split(".")[0] in
+                       WEIGHT_NAMES + PICKLE_NAMES and not n.endswith(".index.json")})
+    hint = f" (variants present: {', '.join(variants)}; pick one with variant=/--variant)" if variants else ""
+    singles = [f"{n}{suffix}.safetensors" for n in WEIGHT_NAMES] + [f"{n}{suffix}.bin" for n in PICKLE_NAMES]
+    raise FileNotFoundError(f"{folder}: no weights file; expected {', '.join(singles[:-1])} or {singles[-1]} "
+                            f"(or a sharded *.index.json); found: {', '.join(present) or 'nothing'}{hint}")
+
+
+def _load_sharded(index_path: str) -> dict[str, np.ndarray]:
+    """diffusers/transformers shard index `{"weight_map": {key: shard file}}` -> merged state dict."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointReadError(f"{index_path}: not a valid shard index ({err})") from None
+    folder, state = os.path.dirname(index_path), {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(load_state_dict(os.path.join(folder, shard)))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointReadError(f"{index_path}: {len(missing)} keys listed in the index are in no shard, "
+                                  f"e.g. {', '.join(missing[:5])}")
+    return state
+
+
+def load_component_weights(folder: str | os.PathLike, variant: str | None = None) -> dict[str, np.ndarray]:
+    """State dict of a diffusers/transformers component folder (see `find_weights_file`)."""
+    path = find_weights_file(folder, variant)
+    return _load_sharded(path) if path.endswith(".index.json") else load_state_dict(path)
