@@ -1,0 +1,1 @@
+"""PASD sampling: model loading, the compiled DDIM sampler (ANS, CFG, tiling), tiled VAE, the image pipeline."""

@@ -1,0 +1,181 @@
+"""Command line of `sample.py`: restore a file or a folder of images with a converted PASD model.
+
+    python sample.py --ckpt converted/pasd --base majicmix --input photos/ --output out/
+    python sample.py --demo --output demo_out        # tiny built-in smoke model, generated image
+
+Behaviour a batch user can rely on: outputs are `<output>/<input stem>.png` (or `--output x.png`
+for a single input file); existing outputs are never replaced without `--overwrite` (checked before
+any work; `--skip-existing` resumes an interrupted folder run); unreadable inputs are reported and
+skipped and make the exit status 1 at the end; a seed gives identical output on every run; a
+sidecar `<image>.txt` is that image's prompt; a progress bar shows per-image time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+from pasd_jax.sampling.pipeline import ADDED_PROMPT, COLOR_FIXES, MODES, RestoreOptions, join_prompt
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", help="converted PASD checkpoint folder (python -m convert runs/pasd/checkpoint-N DST)")
+    g.add_argument("--base", help="SD base: a name from `python -m convert list` or a converted pipeline folder; "
+                                  "supplies the stock UNet weights, VAE, text encoder, tokenizer, scheduler")
+    g.add_argument("--scheduler", help="scheduler_config.json (file or folder) overriding the base's")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of UNet and ControlNet (weights stay float32)")
+    g.add_argument("--demo", action="store_true", help="run on a generated image with the tiny built-in SMOKE model")
+    g = p.add_argument_group("input / output")
+    g.add_argument("--input", help="image file or folder (PNG/JPEG/WebP/BMP/TIFF)")
+    g.add_argument("--output", help="output folder (created), or an image path for a single input")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists alone")
+    g = p.add_argument_group("sampling (defaults: the paper's recipe)")
+    g.add_argument("--prompt", default="", help="prompt for every image (joined with a sidecar <image>.txt)")
+    g.add_argument("--added-prompt", default=ADDED_PROMPT, help="appended to every prompt (default: %(default)r)")
+    g.add_argument("--negative-prompt", default=None, help="default: the paper's (colorize: 'b&w, color bleeding')")
+    g.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    g.add_argument("--guidance-scale", type=float, default=9.0, help="CFG scale; ≤ 1 skips the negative branch")
+    g.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet residual scale")
+    g.add_argument("--added-noise-level", type=int, default=900, help="ANS level a (0 turns ANS off)")
+    g.add_argument("--no-ans", action="store_true", help="same as --added-noise-level 0")
+    g.add_argument("--init-with-noise", action="store_true", help="start from pure noise instead of the LQ latent")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
+    g = p.add_argument_group("image processing")
+    g.add_argument("--mode", choices=MODES, default="realisr", help="realisr, or colorize (grayscale inputs)")
+    g.add_argument("--upscale", type=int, default=1, help="output = input size × upscale")
+    g.add_argument("--process-size", type=int, default=768, help="shorter side the model runs at (min)")
+    g.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
+    g.add_argument("--tile-size", type=int, default=320, help="latent tile side (latent px) for big images")
+    g.add_argument("--tile-overlap", type=int, default=8, help="latent tile overlap (latent px)")
+    g.add_argument("--tiles-per-call", type=int, default=1, help="tiles batched per network call")
+    g.add_argument("--vae-tiling", choices=("auto", "always", "never"), default="auto")
+    return p
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def plan_outputs(inputs: Sequence[pathlib.Path], output: str, single_file: bool) -> list[pathlib.Path]:
+    """Output path of each input: `output/<stem>.png`, or `output` itself for one file named *.png etc."""
+    out = pathlib.Path(output)
+    if single_file and out.suffix.lower() in IMAGE_SUFFIXES:
+        return [out]
+    stems = {}
+    for path in inputs:
+        if path.stem in stems:
+            raise ValueError(f"{path.name} and {stems[path.stem].name} would both be written to {out / (path.stem + '.png')}")
+        stems[path.stem] = path
+    return [out / f"{p.stem}.png" for p in inputs]
+
+
+def read_prompt(path: pathlib.Path, cli_prompt: str) -> str:
+    """Sidecar caption `<image>.txt` (if any) joined with the CLI prompt."""
+    sidecar = path.with_suffix(".txt")
+    caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
+    return join_prompt(caption, cli_prompt)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        from pasd_jax.sampling import demo
+
+        args.output = args.output or "demo_out"
+        args.input = str(demo.write_demo_input(pathlib.Path(args.output) / "input"))
+        args.process_size = min(args.process_size, 192)
+        print(demo.SMOKE_BANNER, file=sys.stderr)
+    elif not args.ckpt:
+        return _fail(parser, "--ckpt is required (or --demo for the built-in smoke model)")
+    if not args.input or not args.output:
+        return _fail(parser, "--input and --output are required")
+    try:
+        options = RestoreOptions(
+            steps=args.steps, guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
+            added_noise_level=0 if args.no_ans else args.added_noise_level,
+            init="noise" if args.init_with_noise else "ans", eta=args.eta, upscale=args.upscale,
+            process_size=args.process_size, color_fix=args.color_fix, mode=args.mode, added_prompt=args.added_prompt,
+            negative_prompt=args.negative_prompt, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+            tiles_per_call=args.tiles_per_call, vae_tiling=args.vae_tiling)
+    except ValueError as err:
+        return _fail(parser, str(err))
+
+    from pasd_jax.imaging.io import list_images
+
+    try:
+        inputs = list_images(args.input)
+        outputs = plan_outputs(inputs, args.output, pathlib.Path(args.input).is_file())
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(parser, str(err))
+    todo = [(i, o) for i, o in zip(inputs, outputs) if not (args.skip_existing and o.exists())]
+    skipped = len(inputs) - len(todo)
+    existing = [str(o) for _, o in todo if o.exists()]
+    if existing and not args.overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        print(f"error: output exists: {shown}; pass --overwrite to replace or --skip-existing to keep", file=sys.stderr)
+        return 1
+    return _run(args, options, todo, skipped)
+
+
+def _run(args, options: RestoreOptions, todo, skipped: int) -> int:
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from pasd_jax.imaging.io import ImageReadError, load_image, write_image
+    from pasd_jax.sampling.loader import load_models
+    from pasd_jax.sampling.pipeline import Restorer
+
+    t0 = time.perf_counter()
+    try:
+        if args.demo:
+            from pasd_jax.sampling import demo
+            models = load_models(demo.demo_model_dir())
+        else:
+            models = load_models(args.ckpt, args.base, scheduler=args.scheduler,
+                                 dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"loaded {models.family} PASD from {models.source} in {time.perf_counter() - t0:.1f} s"
+          + (" (SMOKE MODEL, random weights)" if models.smoke else ""), file=sys.stderr)
+    restorer = Restorer(models, options)
+    done, failed, times = 0, [], []
+    bar = tqdm(todo, unit="img", file=sys.stderr, disable=not todo)
+    for src, dst in bar:
+        bar.set_postfix_str(src.name)
+        try:
+            loaded = load_image(src)
+            result = restorer.restore(loaded.rgb, prompt=read_prompt(src, args.prompt), seed=args.seed)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            write_image(dst, result.image, overwrite=args.overwrite)
+        except (ImageReadError, ValueError, FileExistsError, OSError) as err:
+            failed.append(src)
+            tqdm.write(f"error: {src}: {err}", file=sys.stderr)
+            continue
+        done += 1
+        times.append(result.seconds)
+        tqdm.write(f"{src.name} -> {dst} ({result.processed_size[0]}x{result.processed_size[1]} px, "
+                   f"{result.seconds:.2f} s)", file=sys.stderr)
+    bar.close()
+    summary = f"restored {done} image{'s' * (done != 1)}"
+    if times:
+        summary += f" (median {sorted(times)[len(times) // 2]:.2f} s/image; the first includes compilation)"
+    if skipped:
+        summary += f", skipped {skipped} existing"
+    if failed:
+        summary += f", FAILED {len(failed)}: {', '.join(str(f) for f in failed)}"
+    print(summary + f"; total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,144 @@
+"""Load everything PASD sampling needs from converted folders: nets, weights, tokenizer, schedule.
+
+The torch-side counterpart is `test_pasd.py`'s model loading: `UNet2DConditionModel` and
+`ControlNetModel` from a PASD `checkpoint-N/`, VAE, text encoder, tokenizer and scheduler from the
+SD1.5 base (PASD_REFERENCE §6, §7.1). Here every part is a converted folder (`python -m convert`):
+
+* `ckpt`: a converted PASD checkpoint (`unet/` with PACA or `_plus` weights, `controlnet/`), or a
+  whole converted PASD pipeline that also holds `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`;
+* `base` (optional): a name registered with `python -m convert base` or a converted pipeline path.
+  With a base, every stock UNet weight, the VAE, the text encoder, the tokenizer and the scheduler
+  come from the base; PASD's PACA / `_plus` weights and the whole ControlNet stay from `ckpt`
+  (`pasd_jax.models.home.merge_base_unet`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pasd_jax.diffusion.schedule import NoiseSchedule, load_scheduler_config
+from pasd_jax.models import home, registry, weights
+from pasd_jax.models.tokenizer import load_tokenizer
+
+NETS = ("unet", "controlnet", "vae", "text_encoder")
+BASE_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PASDModels:
+    """The Flax modules, their parameters (device arrays), tokenizer and noise schedule.
+
+    `params` maps "unet", "controlnet", "vae", "text_encoder" to bare parameter trees. `smoke` is
+    True for the tiny built-in model (random weights). Compared by identity, so it can key caches.
+    """
+
+    unet: Any
+    controlnet: Any
+    vae: Any
+    text_encoder: Any
+    params: dict
+    tokenizer: Any
+    schedule: NoiseSchedule
+    family: str
+    source: str
+    smoke: bool = False
+
+    @property
+    def latent_downscale(self) -> int:
+        """Image side / latent side (8 for SD)."""
+        return self.vae.downscale
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.scaling_factor)
+
+
+def _find_part(name: str, *folders: Optional[pathlib.Path]) -> pathlib.Path:
+    for folder in folders:
+        if folder is not None and (folder / name).is_dir():
+            return folder / name
+    where = " or ".join(str(f) for f in folders if f is not None)
+    raise FileNotFoundError(f"no {name}/ in {where}; a PASD checkpoint holds only unet/ and controlnet/ — "
+                            f"pass --base NAME_OR_PATH (a converted SD1.5 pipeline, see `python -m convert base`)")
+
+
+def _read_manifest(folder: pathlib.Path) -> dict:
+    path = folder / weights.MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, *,
+                scheduler: str | os.PathLike | None = None, dtype=jnp.float32,
+                scheduler_overrides: Optional[dict] = None) -> PASDModels:
+    """Load a converted PASD checkpoint (+ optional base) for sampling.
+
+    Args:
+      ckpt: converted folder with `unet/` (family pasd or pasd_light) and `controlnet/`.
+      base: base name or path; provides VAE, text encoder, tokenizer, scheduler and the stock UNet
+        weights. Without it they must be in `ckpt`.
+      scheduler: a scheduler config file/folder overriding the one in base/ckpt (default: SD1.5's
+        DDIM settings when none is found).
+      dtype: compute dtype of UNet and ControlNet (params stay float32); VAE and text encoder
+        compute in float32 (STYLE §2.3).
+    Raises FileNotFoundError / ValueError with the folder and the problem named.
+    """
+    ckpt = pathlib.Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"PASD checkpoint folder not found: {ckpt}")
+    base_dir = home.resolve_base(base) if base is not None else None
+    unet_cfg, unet_params = weights.load_converted(_find_part("unet", ckpt))
+    family = unet_cfg.get(registry.FAMILY_KEY, "stock")
+    if family not in ("pasd", "pasd_light"):
+        raise ValueError(f"{ckpt / 'unet'} is a {family} UNet; PASD sampling needs a PASD UNet "
+                         f"(pixel_attentions or attn2_plus weights) — is {ckpt} a PASD checkpoint?")
+    if base_dir is not None:
+        _, base_unet = weights.load_converted(_find_part("unet", base_dir))
+        unet_params = home.merge_base_unet(unet_params, base_unet, what=f"{base_dir} onto {ckpt}")
+    cn_cfg, cn_params = weights.load_converted(_find_part("controlnet", ckpt))
+
+    part_dirs = (base_dir, ckpt) if base_dir is not None else (ckpt,)
+    vae_cfg, vae_params = weights.load_converted(_find_part("vae", *part_dirs))
+    text_cfg, text_params = weights.load_converted(_find_part("text_encoder", *part_dirs))
+    tokenizer = load_tokenizer(_find_part("tokenizer", *part_dirs))
+
+    sched_src = scheduler
+    if sched_src is None:
+        found = [d / "scheduler" for d in part_dirs if (d / "scheduler" / "scheduler_config.json").is_file()]
+        sched_src = found[0] if found else None
+    sched_cfg = load_scheduler_config(sched_src) if sched_src is not None else {}
+    if not sched_cfg:
+        from pasd_jax.models.tiny import SD15_SCHEDULER
+        sched_cfg = SD15_SCHEDULER
+    schedule = NoiseSchedule.from_config(sched_cfg, **(scheduler_overrides or {}))
+
+    modules = {
+        "unet": registry.build_module(unet_cfg, dtype=dtype),
+        "controlnet": registry.build_module(cn_cfg, dtype=dtype),
+        "vae": registry.build_module(vae_cfg),
+        "text_encoder": registry.build_module(text_cfg),
+    }
+    raw = {"unet": unet_params, "controlnet": cn_params, "vae": vae_params, "text_encoder": text_params}
+    for name, module in modules.items():  # shapes must match the configs (edited folders, mixed bases)
+        want = jax.tree_util.tree_map(lambda s: tuple(s.shape), registry.abstract_params(module))
+        got = jax.tree_util.tree_map(lambda a: tuple(a.shape), raw[name])
+        if want != got:
+            raise ValueError(f"{name} weights do not fit the {name} config (base and PASD checkpoint of "
+                             f"different architectures?)")
+    text_dim, unet_dim = modules["text_encoder"].hidden_size, modules["unet"].cross_dims()[0]
+    if unet_dim != text_dim:
+        raise ValueError(f"the UNet expects text width {unet_dim} but the text encoder gives {text_dim} "
+                         f"(an SD1 base with an SD2 PASD checkpoint, or the reverse?)")
+    params = jax.device_put(raw)
+    smoke = bool(_read_manifest(ckpt).get("smoke_model"))
+    return PASDModels(params=params, tokenizer=tokenizer, schedule=schedule, family=family,
+                      source=str(ckpt), smoke=smoke, **modules)

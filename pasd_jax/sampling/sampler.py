@@ -1,0 +1,307 @@
+"""The compiled PASD sampler: LQ latent + ANS init, scanned DDIM with CFG and tiling, VAE decode.
+
+Mirrors `PASDPipeline.__call__` of the reference (PASD_REFERENCE §7.3–7.6) with the DDIM scheduler:
+
+    z0      = 0.18215 · (mean + std · ε1)                       VAE posterior sample of 2·lq − 1
+    latents = sqrt(ᾱ_a ᾱ_t0) z0 + sqrt(ᾱ_a (1 − ᾱ_t0)) ε2 + sqrt(1 − ᾱ_a) ε3      (ANS, §7.4)
+    for t in timesteps:                                          (one `lax.scan`)
+        x_in = [latents; latents]; text = [negative; positive]
+        rgbs, down, mid = controlnet(x_in, t, text, [lq; lq], conditioning_scale)
+        ε_u, ε_c = unet(x_in, t, text, down, mid)
+        latents = ddim_step(ε_u + g (ε_c − ε_u), t, latents)
+    image = clip(vae.decode(latents / 0.18215) / 2 + 0.5, 0, 1)
+
+`Sampler.__call__` runs all of it inside one `jax.jit`; it is traced once per (image shape, number
+of steps, settings) and reused for every image of that size (`trace_count` counts traces).
+`Sampler.run_loop` is the plain-Python twin for debugging: the same `denoise_step`, one jitted
+call per step. Latents whose `h·w` exceeds `tile_size²` are split into overlapping tiles whose
+noise predictions are blended with Gaussian weights (§7.5); the tiles of one step are batched
+(`tiles_per_call`, spread over all local devices when there are several).
+
+Shapes: lq [B, H, W, 3] float32 in [0, 1] (H, W multiples of 8), text [2B or B, L, D], latents
+[B, H/8, W/8, 4]. All scheduler maths and latents are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps
+from pasd_jax.imaging import tiling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """Static sampler options (part of the compilation key). Defaults: the paper's recipe.
+
+    num_steps: DDIM steps (20). eta: DDIM η (0 = deterministic).
+    guidance: run classifier-free guidance (batch [negative; positive]); the pipeline turns it off
+      for guidance_scale ≤ 1, which halves the work.
+    init: "ans" (LQ latent + adjustable noise, §7.4) or "noise" (pure Gaussian start).
+    tile_size, tile_overlap: latent tiling (latent px); tiling is on when h·w > tile_size².
+    tiles_per_call: tiles per network call (rounded up to a multiple of the local device count).
+    vae_tiling: "auto" (above the reference's thresholds), "always" or "never".
+    vae_encoder_tile, vae_encoder_pad: image px; vae_decoder_tile, vae_decoder_pad: latent px.
+    trajectory: also return every step's latents (for parity tests; costs memory).
+    """
+
+    num_steps: int = 20
+    eta: float = 0.0
+    guidance: bool = True
+    init: str = "ans"
+    tile_size: int = 320
+    tile_overlap: int = 8
+    tiles_per_call: int = 1
+    vae_tiling: str = "auto"
+    vae_encoder_tile: int = 1024
+    vae_encoder_pad: int = 32
+    vae_decoder_tile: int = 224
+    vae_decoder_pad: int = 11
+    trajectory: bool = False
+
+    def __post_init__(self):
+        if self.init not in ("ans", "noise"):
+            raise ValueError(f"init must be 'ans' or 'noise', got {self.init!r}")
+        if self.vae_tiling not in ("auto", "always", "never"):
+            raise ValueError(f"vae_tiling must be 'auto', 'always' or 'never', got {self.vae_tiling!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
+        if self.tile_size < 1 or self.tile_overlap < 0 or self.tiles_per_call < 1:
+            raise ValueError("tile_size and tiles_per_call must be positive, tile_overlap non-negative")
+
+
+class Noises(NamedTuple):
+    """The Gaussian draws of one sampling run, in the reference's order (each [B, h, w, C]).
+
+    vae_posterior: ε1 of the VAE posterior sample; first_timestep: ε2 (noise to t0, or the whole
+    start latent with init="noise"); added_noise_level: ε3 (ANS); step_key: key for η > 0 noise.
+    """
+
+    vae_posterior: jnp.ndarray
+    first_timestep: jnp.ndarray
+    added_noise_level: jnp.ndarray
+    step_key: jnp.ndarray
+
+    @classmethod
+    def draw(cls, key: jax.Array, latent_shape: tuple) -> Noises:
+        """Draw all noises of a run from one key (deterministic for a given key and shape)."""
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        normal = lambda k: jax.random.normal(k, latent_shape, jnp.float32)
+        return cls(normal(k1), normal(k2), normal(k3), k4)
+
+
+class SampleInputs(NamedTuple):
+    """Traced per-run values: changing them never recompiles."""
+
+    lq: jnp.ndarray                 # [B, H, W, 3] in [0, 1]
+    text: jnp.ndarray               # [2B, L, D] = [negative; positive] with guidance, else [B, L, D]
+    noises: Noises
+    guidance_scale: jnp.ndarray     # scalar float32
+    conditioning_scale: jnp.ndarray  # scalar float32
+    added_noise_level: jnp.ndarray  # scalar int32 (≤ 0: ANS off)
+
+
+def ans_init(schedule: DDIMArrays, z0, eps_t0, eps_added, t0, added_noise_level):
+    """Adjustable-noise start latent in closed form (§7.4), ᾱ looked up explicitly.
+
+    `sqrt(ᾱ_a ᾱ_t0) z0 + sqrt(ᾱ_a (1 − ᾱ_t0)) ε2 + sqrt(1 − ᾱ_a) ε3`; equals
+    `add_noise(add_noise(z0, ε2, t0), ε3, a)`. A level a ≤ 0 switches ANS off (ᾱ_a = 1: plain
+    `add_noise(z0, ε2, t0)`).
+    """
+    ac = schedule.alphas_cumprod
+    ab_t0 = jnp.take(ac, t0)
+    a = jnp.asarray(added_noise_level, jnp.int32)
+    ab_a = jnp.where(a > 0, jnp.take(ac, jnp.clip(a, 0, ac.shape[0] - 1)), jnp.float32(1.0))
+    return (jnp.sqrt(ab_a * ab_t0) * z0 + jnp.sqrt(ab_a * (1 - ab_t0)) * eps_t0
+            + jnp.sqrt(1 - ab_a) * eps_added)
+
+
+class Sampler:
+    """PASD sampling for one `PASDModels` and one `SamplerSettings` (see the module docstring)."""
+
+    def __init__(self, models, settings: SamplerSettings = SamplerSettings()):
+        self.models = models
+        self.settings = settings
+        self.schedule = models.schedule
+        self.arrays = DDIMArrays.from_schedule(models.schedule)
+        ts, prev = ddim_timesteps(models.schedule, settings.num_steps)
+        self.timesteps, self.prev_timesteps = jnp.asarray(ts), jnp.asarray(prev)
+        self.trace_count = 0
+        self._sample = jax.jit(self._sample_impl)
+        self._step = jax.jit(self.denoise_step)
+        devices = jax.local_devices()
+        self._mesh = Mesh(np.array(devices), ("tiles",)) if len(devices) > 1 else None
+
+    # ---- networks -----------------------------------------------------------------------------
+    def _eps(self, params, x, t, text, cond, cond_scale):
+        """ControlNet + PASD UNet on a batch: x [N, h, w, 4], cond [N, 8h, 8w, 3] -> ε [N, h, w, 4]."""
+        m = self.models
+        tb = jnp.broadcast_to(t, (x.shape[0],))
+        _, down, mid = m.controlnet.apply({"params": params["controlnet"]}, x, tb, text, cond,
+                                          conditioning_scale=cond_scale)
+        eps = m.unet.apply({"params": params["unet"]}, x, tb, text, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid)
+        return eps.astype(jnp.float32)
+
+    def _tiled_eps(self, params, x, t, text, cond, cond_scale):
+        """`_eps` over overlapping latent tiles blended with Gaussian weights (§7.5)."""
+        s, down = self.settings, self.models.latent_downscale
+        n, h, w, c = x.shape
+        tile = tiling.effective_tile(h, w, s.tile_size)
+        origins = tiling.tile_origins(h, w, s.tile_size, s.tile_overlap)
+        weights = tiling.gaussian_weights(tile, tile)
+        norm = np.zeros((h, w), np.float64)
+        for y, x0 in origins:
+            norm[y:y + tile, x0:x0 + tile] += weights
+        xs = jnp.stack([x[:, y:y + tile, x0:x0 + tile] for y, x0 in origins])
+        cs = jnp.stack([cond[:, down * y:down * (y + tile), down * x0:down * (x0 + tile)] for y, x0 in origins])
+        per_call = s.tiles_per_call
+        if self._mesh is not None:
+            per_call = math.ceil(per_call / self._mesh.size) * self._mesh.size
+        per_call = min(per_call, len(origins)) if self._mesh is None else per_call
+        groups = math.ceil(len(origins) / per_call)
+        pad = groups * per_call - len(origins)
+        if pad:  # repeat the last tile; its prediction is dropped below
+            xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, 0)])
+            cs = jnp.concatenate([cs, jnp.repeat(cs[-1:], pad, 0)])
+        text_k = jnp.tile(text, (per_call, 1, 1))
+
+        def run(chunk):
+            cx, cc = chunk  # [k, n, T, T, 4], [k, n, 8T, 8T, 3]
+            if self._mesh is not None:
+                spec = NamedSharding(self._mesh, PartitionSpec("tiles"))
+                cx, cc = jax.lax.with_sharding_constraint(cx, spec), jax.lax.with_sharding_constraint(cc, spec)
+            eps = self._eps(params, cx.reshape((-1,) + cx.shape[2:]), t, text_k, cc.reshape((-1,) + cc.shape[2:]),
+                            cond_scale)
+            return eps.reshape(cx.shape)
+
+        shape = lambda a: a.reshape((groups, per_call) + a.shape[1:])
+        eps_tiles = jax.lax.map(run, (shape(xs), shape(cs))).reshape((-1,) + xs.shape[1:])
+        acc = jnp.zeros((n, h, w, c), jnp.float32)
+        w4 = jnp.asarray(weights)[None, :, :, None]
+        for i, (y, x0) in enumerate(origins):
+            acc = acc.at[:, y:y + tile, x0:x0 + tile].add(eps_tiles[i] * w4)
+        return acc / jnp.asarray(norm, jnp.float32)[None, :, :, None]
+
+    def denoise_step(self, params, latents, t, prev_t, inputs: SampleInputs, step_index):
+        """One guided DDIM step x_t -> x_{prev_t}; shared by the scan and the loop twin."""
+        s = self.settings
+        x_in, cond = latents, inputs.lq
+        if s.guidance:
+            x_in, cond = jnp.concatenate([latents, latents]), jnp.concatenate([inputs.lq, inputs.lq])
+        h, w = latents.shape[1:3]
+        eps_fn = self._tiled_eps if tiling.needs_tiling(h, w, s.tile_size) else self._eps
+        eps = eps_fn(params, x_in, t, inputs.text, cond, inputs.conditioning_scale)
+        if s.guidance:
+            eps_u, eps_c = jnp.split(eps, 2)
+            eps = eps_u + inputs.guidance_scale * (eps_c - eps_u)
+        noise = None
+        if s.eta > 0:
+            noise = jax.random.normal(jax.random.fold_in(inputs.noises.step_key, step_index), latents.shape)
+        sched = self.schedule
+        return ddim_step(self.arrays, eps, t, prev_t, latents, eta=s.eta, variance_noise=noise,
+                         prediction_type=sched.prediction_type, clip_sample=sched.clip_sample,
+                         clip_sample_range=sched.clip_sample_range)
+
+    # ---- VAE ------------------------------------------------------------------------------------
+    def _use_vae_tiling(self, h: int, w: int, tile: int, pad: int) -> bool:
+        """The reference tiles the VAE when `max(H, W) > tile + 2·pad` (§7.6); settings may force it."""
+        return {"always": True, "never": False}.get(self.settings.vae_tiling, max(h, w) > tile + 2 * pad)
+
+    def encode(self, params, lq, eps1):
+        """z0 = scaling · (mean + std·ε1) of the VAE posterior of `2·lq − 1` (tiled when large)."""
+        vae, s = self.models.vae, self.settings
+        x = 2.0 * lq - 1.0
+        h, w = x.shape[1:3]
+        if self._use_vae_tiling(h, w, s.vae_encoder_tile, s.vae_encoder_pad):
+            from pasd_jax.sampling import tiled_vae
+            mean, logvar = tiled_vae.tiled_encode(vae, params["vae"], x, tile=s.vae_encoder_tile,
+                                                  pad=s.vae_encoder_pad)
+        else:
+            mean, logvar = vae.apply({"params": params["vae"]}, x, method=vae.encode)
+        return self.models.scaling_factor * (mean + jnp.exp(0.5 * logvar) * eps1)
+
+    def decode(self, params, latents):
+        """Raw VAE decoder output of `latents / scaling` (tiled when large), float32 [B, H, W, 3]."""
+        vae, s = self.models.vae, self.settings
+        z = latents / self.models.scaling_factor
+        h, w = z.shape[1:3]
+        if self._use_vae_tiling(h, w, s.vae_decoder_tile, s.vae_decoder_pad):
+            from pasd_jax.sampling import tiled_vae
+            return tiled_vae.tiled_decode(vae, params["vae"], z, tile=s.vae_decoder_tile, pad=s.vae_decoder_pad)
+        return vae.apply({"params": params["vae"]}, z, method=vae.decode)
+
+    def init_latents(self, params, inputs: SampleInputs):
+        """(z0 or None, start latents) for the settings' init mode."""
+        nz = inputs.noises
+        if self.settings.init == "noise":
+            return None, nz.first_timestep
+        z0 = self.encode(params, inputs.lq, nz.vae_posterior)
+        return z0, ans_init(self.arrays, z0, nz.first_timestep, nz.added_noise_level, self.timesteps[0],
+                            inputs.added_noise_level)
+
+    # ---- whole runs -----------------------------------------------------------------------------
+    def _sample_impl(self, params, inputs: SampleInputs) -> dict:
+        self.trace_count += 1  # Python side effect: runs once per trace (= per compilation)
+        z0, latents = self.init_latents(params, inputs)
+
+        def body(lat, xs):
+            t, prev_t, i = xs
+            lat = self.denoise_step(params, lat, t, prev_t, inputs, i)
+            return lat, (lat if self.settings.trajectory else None)
+
+        steps = jnp.arange(self.settings.num_steps, dtype=jnp.int32)
+        final, traj = jax.lax.scan(body, latents, (self.timesteps, self.prev_timesteps, steps))
+        decoded = self.decode(params, final)
+        out = {"init_latents": latents, "final_latents": final, "decoded": decoded,
+               "image": jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)}
+        if z0 is not None:
+            out["vae_latent_z0"] = z0
+        if traj is not None:
+            out["trajectory"] = traj
+        return out
+
+    def __call__(self, inputs: SampleInputs, params: Optional[dict] = None) -> dict:
+        """Run the compiled sampler. Returns {"image" [B, H, W, 3] in [0, 1], "decoded",
+        "init_latents", "final_latents", "vae_latent_z0" (ANS), "trajectory" [N, B, h, w, 4] (opt.)}."""
+        return self._sample(self.models.params if params is None else params, inputs)
+
+    def run_loop(self, inputs: SampleInputs, params: Optional[dict] = None) -> dict:
+        """The same computation as `__call__` as a Python loop (one jitted call per step)."""
+        params = self.models.params if params is None else params
+        z0, latents = jax.jit(self.init_latents)(params, inputs)
+        init, traj = latents, []
+        for i in range(self.settings.num_steps):
+            latents = self._step(params, latents, self.timesteps[i], self.prev_timesteps[i], inputs, jnp.int32(i))
+            traj.append(latents)
+        decoded = jax.jit(self.decode)(params, latents)
+        out = {"init_latents": init, "final_latents": latents,
+               "decoded": decoded, "image": jnp.clip(decoded / 2 + 0.5, 0.0, 1.0), "trajectory": jnp.stack(traj)}
+        if z0 is not None:
+            out["vae_latent_z0"] = z0
+        return out
+
+
+def make_inputs(lq, text, noises: Noises, *, guidance_scale: float, conditioning_scale: float = 1.0,
+                added_noise_level: int = 900) -> SampleInputs:
+    """Pack host values into `SampleInputs` with the dtypes the compiled sampler expects."""
+    return SampleInputs(lq=jnp.asarray(lq, jnp.float32), text=jnp.asarray(text, jnp.float32), noises=noises,
+                        guidance_scale=jnp.float32(guidance_scale), conditioning_scale=jnp.float32(conditioning_scale),
+                        added_noise_level=jnp.int32(added_noise_level))
+
+
+def latent_shape(models, lq_shape: tuple) -> tuple:
+    """[B, H, W, 3] image shape -> [B, H/8, W/8, latent_channels]."""
+    b, h, w, _ = lq_shape
+    d = models.latent_downscale
+    if h % d or w % d:
+        raise ValueError(f"image {h}x{w} is not a multiple of {d}; pre-process it first")
+    return (b, h // d, w // d, models.vae.latent_channels)
+
