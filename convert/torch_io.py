@@ -55,9 +55,13 @@ _SAFETENSORS_DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors reference implementation enforces
 
 
-def read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
-    """Parse the safetensors layout directly: 8-byte little-endian header length, a JSON header
-    `{name: {dtype, shape, data_offsets}}`, then the byte buffer. Arrays are read-only memmaps."""
+def safetensors_index(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """Parse the safetensors layout: 8-byte little-endian header length, a JSON header
+    `{name: {dtype, shape, data_offsets}}`, then the byte buffer.
+
+    Returns {name: (dtype, shape, absolute byte offset in the file)}, every entry checked to lie
+    inside the file with the right byte size; no tensor data is read.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -74,7 +78,7 @@ def read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CheckpointReadError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.empty(0, np.uint8)
+    buffer_size = size - 8 - n
     out = {}
     for name, info in header.items():
         try:
@@ -83,12 +87,22 @@ def read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointReadError(f"{path}: bad safetensors header entry for {name!r}: {info!r}") from None
-        if not 0 <= begin <= end <= buffer.size or end - begin != int(np.prod(shape)) * dtype.itemsize:
+        if not 0 <= begin <= end <= buffer_size or end - begin != int(np.prod(shape)) * dtype.itemsize:
             raise CheckpointReadError(f"{path}: tensor {name!r} lies outside the file or has the wrong "
-                                      f"byte size (offsets {begin}..{end}, buffer {buffer.size} bytes); "
+                                      f"byte size (offsets {begin}..{end}, buffer {buffer_size} bytes); "
                                       f"the file is truncated or corrupt")
-        out[name] = buffer[begin:end].view(dtype).reshape(shape)
+        out[name] = (dtype, shape, 8 + n + begin)
     return out
+
+
+def read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file (see `safetensors_index`) as read-only memmaps."""
+    index = safetensors_index(path)
+    if not index:
+        return {}
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    return {name: mapped[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+            for name, (dtype, shape, offset) in index.items()}
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -307,6 +321,13 @@ def _read_torch_pickle(path: str) -> object:
     raise CheckpointReadError(f"{path}: not a torch zip checkpoint (corrupt, truncated, or another format)")
 
 
+def checkpoint_extras(obj: object) -> dict:
+    """Top-level scalars beside a Lightning-style `state_dict` (`global_step`, `epoch`, ...)."""
+    if not (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (int, float, str, bool))}
+
+
 def _as_state_dict(obj: object, path: str) -> dict[str, np.ndarray]:
     """Accept `{name: tensor}` or `{"state_dict": {name: tensor}, ...}` (Lightning-style .ckpt)."""
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -319,6 +340,29 @@ def _as_state_dict(obj: object, path: str) -> dict[str, np.ndarray]:
         raise CheckpointReadError(f"{path}: not a flat state dict of tensors; {len(bad)} entries are not "
                                   f"name -> tensor: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     return dict(obj)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """`load_state_dict` plus the checkpoint's top-level scalars (`checkpoint_extras`; always {}
+    for safetensors files)."""
+    path = os.fspath(path)
+    check_checkpoint_file(path)
+    if os.path.splitext(path)[1].lower() in PICKLE_EXTENSIONS:
+        obj = _read_torch_pickle(path)
+        return _as_state_dict(obj, path), checkpoint_extras(obj)
+    return load_state_dict(path), {}
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise FileNotFoundError / CheckpointReadError for a missing, empty or unknown-type file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointReadError(f"{path}: file is empty (0 bytes)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext != SAFETENSORS_EXTENSION and ext not in PICKLE_EXTENSIONS:
+        raise CheckpointReadError(f"{path}: unsupported extension {ext or '(none)'!r}; expected "
+                                  f"{SAFETENSORS_EXTENSION} or one of {', '.join(PICKLE_EXTENSIONS)}")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
