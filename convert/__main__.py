@@ -1,9 +1,9 @@
-"""Command line: `python -m convert SRC DST [--overwrite]`.
+"""Command line: `python -m convert SRC DST [--overwrite]`, plus `base`, `list` and `export`.
 
-Converts PyTorch diffusers/transformers folders into Flax folders that `pasd_jax` loads without
-torch (see `convert.core`). The default command takes SRC DST; named subcommands (a future
-`base`, `list`, single-file LDM checkpoints, LoRA) register in `SUBCOMMANDS` and are dispatched
-on the first argument, so `python -m convert SRC DST` keeps working beside them.
+Converts PyTorch diffusers/transformers folders and single-file SD checkpoints into Flax folders
+that `pasd_jax` loads without torch (see `convert.core`, `convert.single_file`). The default
+command takes SRC DST; named subcommands (`convert.commands`) register in `SUBCOMMANDS` and are
+dispatched on the first argument, so `python -m convert SRC DST` keeps working beside them.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
-from convert import core, torch_io
+from convert import commands, core, torch_io
 from convert.mapping import ConversionError
 
 EPILOG = """\
 SRC may be:
+  * a single-file SD1.x/SD2.x checkpoint (A1111 / civitai .safetensors, .ckpt, .pt) in the
+    original LDM layout: converted into DST/unet, vae, text_encoder (+ tokenizer, scheduler);
   * one component folder, as saved by diffusers/transformers `save_pretrained`
     (config.json + diffusion_pytorch_model.safetensors / model.safetensors / *.bin):
     a UNet2DConditionModel (stock, PASD or PASD-light; detected from the weights),
@@ -34,14 +36,27 @@ everything converts; an existing DST is only replaced with --overwrite.
 PyTorch .bin/.ckpt files are read without torch and without running code from the file; a
 pickle that references anything besides tensors is refused.
 
+LoRA files (--lora) are merged into the UNet and text encoder of any SD source.
+
+other commands (each has --help):
+  python -m convert base SRC --name NAME   store a converted base model under $PASD_JAX_HOME
+  python -m convert list                   list stored base models
+  python -m convert export SRC DST         write converted weights back as a PyTorch diffusers folder
+
 examples:
   python -m convert ~/sd15/unet converted/unet
   python -m convert ~/stable-diffusion-v1-5 converted/sd15
   python -m convert runs/pasd/checkpoint-100000 converted/pasd --overwrite
+  python -m convert majicmixRealistic_v7.safetensors converted/majicmix --template ~/stable-diffusion-v1-5
+  python -m convert v1-5-pruned-emaonly.ckpt converted/sd15 --lora add_detail.safetensors:0.5
 """
 
-# name -> main(argv) -> exit code. Later: "base", "list", "ldm", "lora".
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {}
+# name -> main(argv) -> exit code.
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "base": commands.run_base,
+    "list": commands.run_list,
+    "export": commands.run_export,
+}
 
 # Errors with a message meant for the user; anything else is reported with its type.
 EXPECTED_ERRORS = (ConversionError, torch_io.CheckpointReadError, FileNotFoundError, FileExistsError,
@@ -54,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert PyTorch diffusers/transformers weights (Stable Diffusion, PASD) into "
                     "Flax folders for pasd_jax.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", metavar="SRC", help="component, pipeline or PASD checkpoint folder (PyTorch)")
+    parser.add_argument("src", metavar="SRC",
+                        help="component, pipeline or PASD checkpoint folder (PyTorch), or a single-file checkpoint")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace DST if it is a folder written by this converter")
@@ -62,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='read weights of a diffusers variant, e.g. "fp16" '
                              "(diffusion_pytorch_model.fp16.safetensors)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    commands.add_source_options(parser)
     return parser
 
 
@@ -72,6 +89,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def run_convert(argv: Sequence[str]) -> int:
     """The default command: convert SRC into DST."""
     args = build_parser().parse_args(argv)
+    if os.path.isfile(args.src) or args.lora or args.prediction_type or args.template or args.extract_ema:
+        return commands.run_single(args)
     start = time.perf_counter()
     src = os.fspath(args.src)
     progress, done = None, []

@@ -17,6 +17,7 @@ A folder of components (a diffusers pipeline with `model_index.json`, or a PASD 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -90,6 +91,17 @@ def non_finite_keys(state_dict: Mapping[str, np.ndarray]) -> list[str]:
     return sorted(bad)
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_params_cached(config_json: str) -> dict:
+    return registry.abstract_params(registry.build_module(json.loads(config_json)))
+
+
+def abstract_params_for(config: Mapping[str, Any]) -> dict:
+    """`registry.abstract_params` of the module a config builds, memoised per config: tracing a
+    UNet's init takes seconds, and pipelines / tests convert the same architecture repeatedly."""
+    return _abstract_params_cached(json.dumps(config, sort_keys=True, default=str))
+
+
 def convert_state_dict(config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray], *,
                        what: str) -> tuple[str, dict, dict]:
     """(component config, torch state dict) -> (component name, config to save, Flax params).
@@ -105,9 +117,9 @@ def convert_state_dict(config: Mapping[str, Any], state_dict: Mapping[str, np.nd
     if bad:
         warnings.warn(f"{what}: {len(bad)} tensors contain NaN or Inf: {', '.join(bad[:10])}"
                       f"{' ...' if len(bad) > 10 else ''}", NonFiniteWeightsWarning, stacklevel=2)
-    module = registry.build_module(config)
+    registry.build_module(config)  # unsupported configs fail here, before the (cached) trace
     state_dict = registry.prepare_state_dict(component, state_dict)
-    params = torch_to_flax(state_dict, registry.abstract_params(module), what=what)
+    params = torch_to_flax(state_dict, abstract_params_for(config), what=what)
     return component, config, params
 
 

@@ -187,15 +187,24 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     """
     state = {}
     for path, value in flatten_tree(params).items():
-        leaf = path[-1]
-        torch_parts = []
-        for part in path[:-1]:
-            match = re.fullmatch(r"(.+?)_(\d+)", part)
-            if match and part not in _UNFOLDED_NAMES:
-                torch_parts.extend([match.group(1), match.group(2)])
-            else:
-                torch_parts.append(part)
-        torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
-        key = ".".join(torch_parts + [torch_leaf])
-        state[key] = np.ascontiguousarray(_from_flax_layout(np.asarray(value), leaf))
+        state[torch_key(path)] = np.ascontiguousarray(_from_flax_layout(np.asarray(value), path[-1]))
     return state
+
+
+def torch_module_name(module_path: tuple[str, ...]) -> str:
+    """Flax module path -> torch module name: `("down_blocks_0", "attentions_1", "proj_in")` ->
+    `down_blocks.0.attentions.1.proj_in` (inverse of `fold_key`, `_UNFOLDED_NAMES` kept whole)."""
+    torch_parts = []
+    for part in module_path:
+        match = re.fullmatch(r"(.+?)_(\d+)", part)
+        if match and part not in _UNFOLDED_NAMES:
+            torch_parts.extend([match.group(1), match.group(2)])
+        else:
+            torch_parts.append(part)
+    return ".".join(torch_parts)
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Flax leaf path -> torch state-dict key (kernel/scale/embedding -> weight)."""
+    leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
+    return f"{torch_module_name(path[:-1])}.{leaf}" if len(path) > 1 else leaf

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from convert import ldm, torch_io
-from convert.core import NonFiniteWeightsWarning, format_count
+from convert.core import NonFiniteWeightsWarning, abstract_params_for, format_count
 from convert.mapping import ConversionError, torch_to_flax
 from convert.safetensors_writer import save_converted_streaming
 from pasd_jax.models import home, registry, weights
@@ -260,7 +260,7 @@ def _component_plans(ckpt: CheckpointFile, model_type: str, configs: Mapping[str
 
 def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, template: str | None = None,
                         prediction_type: str | None = None, extract_ema: bool = False,
-                        edit_params: Callable[[str, dict], dict] | None = None,
+                        edit_params: Callable[[str, dict, dict], dict] | None = None,
                         progress: Callable[[str, int], Any] | None = None) -> SingleFileReport:
     """Convert an SD1.x/SD2.x single file into the new folder `out` (not atomic: callers stage).
 
@@ -269,7 +269,7 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
         inferred ones, its tokenizer/ and scheduler/ are used.
       prediction_type: "epsilon" / "v_prediction" override of the detected type.
       extract_ema: read the UNet from the file's EMA copy (`model_ema.*`).
-      edit_params: `(component, params) -> params` hook run before saving (LoRA merges).
+      edit_params: `(component, params, config) -> params` hook run before saving (LoRA merges).
       progress: `(component, num_tensors)` -> object with `update()` and `close()` (a tqdm bar).
 
     Raises:
@@ -313,14 +313,13 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
                 bar.update()
 
         lazy = {new: ckpt.tensors[key].with_transform(transform, on_load) for new, (key, transform) in plan.items()}
-        module = registry.build_module(configs[name])
         state = registry.prepare_state_dict(name, lazy)
-        params = torch_to_flax(state, registry.abstract_params(module), what=f"{ckpt.path} ({name})")
+        params = torch_to_flax(state, abstract_params_for(configs[name]), what=f"{ckpt.path} ({name})")
         del lazy, state
         if bar is not None:
             bar.close()
         if edit_params is not None:
-            params = edit_params(name, params)
+            params = edit_params(name, params, configs[name])
         save_converted_streaming(os.path.join(out, name), configs[name], params, component=name)
         num_params[name] = sum(int(np.size(v)) for v in _leaves(params))
         del params
