@@ -6,6 +6,10 @@ so `convert.mapping.torch_to_flax` maps a diffusers VAE mechanically. Checkpoint
 pre-0.14 attention names (`query/key/value/proj_attn`) go through `rename_legacy_vae_keys` first.
 
 All VAE norms use eps 1e-6 and `norm_num_groups` groups, as diffusers hard-codes for the VAE.
+Two static options serve `pasd_jax.sampling.tiled_vae` and leave parameters unchanged:
+`norm_over_batch` shares every GroupNorm's statistics across the batch axis (tiles of one image
+stacked on it), and `attention_query_chunk` runs the mid-block attention one sample and that many
+queries at a time (exact, bounds the [T, T] score matrix to [chunk, T]).
 Shapes: image [B, H, W, in_channels] in [-1, 1]; latent [B, H/2^k, W/2^k, latent_channels] with
 k = len(block_out_channels) - 1 (8× for SD). Latents here are *unscaled*: the sampler multiplies
 by `scaling_factor` after `encode` and divides by it before `decode`.
@@ -17,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,27 +38,53 @@ class VAEAttention(Attention):
     `r = x; x = group_norm(x)` → tokens [B, H·W, C] (row-major) → single-head attention with
     dim_head = C, q/k/v/out with bias, softmax in float32 → `+ r` (rescale_output_factor 1).
     Parameter names: `group_norm`, `to_q`, `to_k`, `to_v`, `to_out_0`. x: [B, H, W, C].
+    `query_chunk > 0`: samples one after another (`lax.map`) and `query_chunk` queries at a time,
+    so scores take [query_chunk, H·W] floats instead of [B, H·W, H·W]; softmax is per query row,
+    so this is exact up to float rounding.
     """
 
     norm_num_groups: int = 32
     eps: float = VAE_EPS
+    norm_over_batch: bool = False
+    query_chunk: int = 0
 
     def setup(self):
         super().setup()
-        self.group_norm = group_norm(self.norm_num_groups, self.eps, dtype=self.dtype,
-                                     param_dtype=self.param_dtype)
+        self.group_norm = group_norm(self.norm_num_groups, self.eps, pool_batch=self.norm_over_batch,
+                                     dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(b, h * w, c)
-        out = super().__call__(tokens)
+        if self.query_chunk > 0:
+            out = self._chunked_attention(tokens)
+        else:
+            out = super().__call__(tokens)
         return out.reshape(b, h, w, c) + x
 
+    def _chunked_attention(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """Single-head self-attention of tokens [B, T, C] -> [B, T, C], memory O(query_chunk·T)."""
+        q, k, v = (proj(tokens).astype(jnp.float32) for proj in (self.to_q, self.to_k, self.to_v))
+        scale = self.dim_head ** -0.5
 
-def _vae_attention(channels: int, groups: int, kw: dict) -> VAEAttention:
+        def one_sample(qkv):
+            q1, k1, v1 = qkv  # [T, C] each
+
+            def one_query(qi):  # [C] -> [C]; lax.map vmaps this over query_chunk rows
+                probs = jax.nn.softmax(k1 @ (qi * scale))
+                return probs @ v1
+
+            return jax.lax.map(one_query, q1, batch_size=self.query_chunk)
+
+        out = jax.lax.map(one_sample, (q, k, v))
+        return self.to_out_0(out.astype(self.dtype))
+
+
+def _vae_attention(channels: int, groups: int, norm_over_batch: bool, query_chunk: int, kw: dict) -> VAEAttention:
     # diffusers: attention_head_dim = channels -> heads = 1; bias=True; upcast_softmax=True.
     return VAEAttention(query_dim=channels, heads=1, dim_head=channels, bias=True, out_bias=True,
-                        upcast_attention=True, norm_num_groups=groups, eps=VAE_EPS, **kw)
+                        upcast_attention=True, norm_num_groups=groups, eps=VAE_EPS,
+                        norm_over_batch=norm_over_batch, query_chunk=query_chunk, **kw)
 
 
 class VAEMidBlock(nn.Module):
@@ -66,15 +97,19 @@ class VAEMidBlock(nn.Module):
     channels: int
     groups: int = 32
     add_attention: bool = True
+    norm_over_batch: bool = False
+    attention_query_chunk: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.resnets = [ResnetBlock2D(self.channels, self.channels, None, groups=self.groups, eps=VAE_EPS, **kw)
+        self.resnets = [ResnetBlock2D(self.channels, self.channels, None, groups=self.groups, eps=VAE_EPS,
+                                      norm_over_batch=self.norm_over_batch, **kw)
                         for _ in range(2)]
         if self.add_attention:
-            self.attentions = [_vae_attention(self.channels, self.groups, kw)]
+            self.attentions = [_vae_attention(self.channels, self.groups, self.norm_over_batch,
+                                              self.attention_query_chunk, kw)]
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = self.resnets[0](x)
@@ -93,13 +128,15 @@ class DownEncoderBlock2D(nn.Module):
     num_layers: int
     groups: int = 32
     add_downsample: bool = True
+    norm_over_batch: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.resnets = [ResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels, None,
-                                      groups=self.groups, eps=VAE_EPS, **kw) for i in range(self.num_layers)]
+                                      groups=self.groups, eps=VAE_EPS, norm_over_batch=self.norm_over_batch, **kw)
+                        for i in range(self.num_layers)]
         if self.add_downsample:
             self.downsamplers = [Downsample2D(self.out_channels, padding=0, **kw)]
 
@@ -120,13 +157,15 @@ class UpDecoderBlock2D(nn.Module):
     num_layers: int
     groups: int = 32
     add_upsample: bool = True
+    norm_over_batch: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.resnets = [ResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels, None,
-                                      groups=self.groups, eps=VAE_EPS, **kw) for i in range(self.num_layers)]
+                                      groups=self.groups, eps=VAE_EPS, norm_over_batch=self.norm_over_batch, **kw)
+                        for i in range(self.num_layers)]
         if self.add_upsample:
             self.upsamplers = [Upsample2D(self.out_channels, **kw)]
 
@@ -148,19 +187,23 @@ class Encoder(nn.Module):
     layers_per_block: int
     norm_num_groups: int
     mid_block_add_attention: bool = True
+    norm_over_batch: bool = False
+    attention_query_chunk: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pool, chunk = self.norm_over_batch, self.attention_query_chunk
         chans, n = self.block_out_channels, len(self.block_out_channels)
         self.conv_in = conv2d(chans[0], 3, **kw)
         self.down_blocks = [
             DownEncoderBlock2D(chans[max(i - 1, 0)], chans[i], self.layers_per_block, self.norm_num_groups,
-                               add_downsample=i < n - 1, **kw)
+                               add_downsample=i < n - 1, norm_over_batch=pool, **kw)
             for i in range(n)]
-        self.mid_block = VAEMidBlock(chans[-1], self.norm_num_groups, self.mid_block_add_attention, **kw)
-        self.conv_norm_out = group_norm(self.norm_num_groups, VAE_EPS, **kw)
+        self.mid_block = VAEMidBlock(chans[-1], self.norm_num_groups, self.mid_block_add_attention,
+                                     pool, chunk, **kw)
+        self.conv_norm_out = group_norm(self.norm_num_groups, VAE_EPS, pool_batch=pool, **kw)
         self.conv_out = conv2d(2 * self.latent_channels, 3, **kw)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -181,19 +224,23 @@ class Decoder(nn.Module):
     layers_per_block: int
     norm_num_groups: int
     mid_block_add_attention: bool = True
+    norm_over_batch: bool = False
+    attention_query_chunk: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pool, chunk = self.norm_over_batch, self.attention_query_chunk
         chans, n = tuple(reversed(self.block_out_channels)), len(self.block_out_channels)
         self.conv_in = conv2d(chans[0], 3, **kw)
-        self.mid_block = VAEMidBlock(chans[0], self.norm_num_groups, self.mid_block_add_attention, **kw)
+        self.mid_block = VAEMidBlock(chans[0], self.norm_num_groups, self.mid_block_add_attention,
+                                     pool, chunk, **kw)
         self.up_blocks = [
             UpDecoderBlock2D(chans[max(i - 1, 0)], chans[i], self.layers_per_block + 1, self.norm_num_groups,
-                             add_upsample=i < n - 1, **kw)
+                             add_upsample=i < n - 1, norm_over_batch=pool, **kw)
             for i in range(n)]
-        self.conv_norm_out = group_norm(self.norm_num_groups, VAE_EPS, **kw)
+        self.conv_norm_out = group_norm(self.norm_num_groups, VAE_EPS, pool_batch=pool, **kw)
         self.conv_out = conv2d(self.out_channels, 3, **kw)
 
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
@@ -209,6 +256,8 @@ class AutoencoderKL(nn.Module):
     `encode(x)` -> (mean, logvar), `decode(z)` -> image, `__call__(x)` = decode(mean) (used by
     `init` so every parameter exists). Outputs are float32 whatever `dtype` is.
     `scaling_factor` / `force_upcast` are carried for the caller (pipeline), unused here.
+    `norm_over_batch` / `attention_query_chunk` are runtime switches, not config keys (module
+    docstring); diffusers configs do not have them; set them with `module.clone(...)`.
     """
 
     in_channels: int = 3
@@ -222,6 +271,8 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     scaling_factor: float = 0.18215
     force_upcast: bool = True
+    norm_over_batch: bool = False
+    attention_query_chunk: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -229,6 +280,7 @@ class AutoencoderKL(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                       norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
+                      norm_over_batch=self.norm_over_batch, attention_query_chunk=self.attention_query_chunk,
                       **kw)
         self.encoder = Encoder(self.in_channels, self.latent_channels, **common)
         self.decoder = Decoder(self.out_channels, **common)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -25,11 +26,45 @@ def conv2d(features: int, kernel: int = 3, *, stride: int = 1, padding: Optional
                    dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def group_norm(num_groups: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               name: Optional[str] = None) -> nn.GroupNorm:
-    """torch `GroupNorm` over the channel (last) axis; statistics in float32, two-pass variance."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False,
-                        dtype=dtype, param_dtype=param_dtype, name=name)
+class BatchPooledGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are shared by every sample of the batch (tiled VAE).
+
+    Mirrors multidiffusion-upscaler's `GroupNormParam.summary` + `custom_group_norm` (used by PASD's
+    tiled VAE) for equal-size tiles stacked on the batch axis: per sample and group the mean and
+    the *biased* (two-pass) variance are computed in float32, then averaged over the batch with
+    equal weights (the reference weights tiles by pixel count; ours all have the same size). Note
+    this averages variances, it is not the pooled variance of all pixels. With a batch of one it
+    is exactly `nn.GroupNorm`. Same parameters (`scale`, `bias`) as `nn.GroupNorm`. x: [N, H, W, C].
+    """
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        if mask is not None:
+            raise NotImplementedError("BatchPooledGroupNorm does not take a mask")
+        n, c, g = x.shape[0], x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"{g} groups do not divide {c} channels")
+        xg = x.astype(jnp.float32).reshape(n, -1, g, c // g)
+        mean_t = jnp.mean(xg, axis=(1, 3), keepdims=True)                    # [N, 1, G, 1]
+        var_t = jnp.mean(jnp.square(xg - mean_t), axis=(1, 3), keepdims=True)  # biased, per tile
+        mean, var = jnp.mean(mean_t, axis=0), jnp.mean(var_t, axis=0)         # [1, G, 1]
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+def group_norm(num_groups: int, eps: float, *, pool_batch: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, name: Optional[str] = None) -> nn.GroupNorm:
+    """torch `GroupNorm` over the channel (last) axis; statistics in float32, two-pass variance.
+
+    `pool_batch=True` gives `BatchPooledGroupNorm` (statistics shared across the batch axis,
+    same parameter names); the default is a plain `nn.GroupNorm`.
+    """
+    cls = BatchPooledGroupNorm if pool_batch else nn.GroupNorm
+    return cls(num_groups=num_groups, epsilon=eps, use_fast_variance=False,
+               dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def nearest_resize(x: jnp.ndarray, size: Sequence[int]) -> jnp.ndarray:
@@ -52,7 +87,8 @@ class ResnetBlock2D(nn.Module):
 
     `h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb))`; `h = conv2(SiLU(norm2(h)))`;
     `out = (shortcut(x) + h) / output_scale_factor`. x: [B, H, W, Cin] -> [B, H, W, Cout].
-    `temb_channels=None` (VAE) drops the time projection.
+    `temb_channels=None` (VAE) drops the time projection. `norm_over_batch` makes both norms
+    `BatchPooledGroupNorm` (tiled VAE; same parameters).
     """
 
     in_channels: int
@@ -62,16 +98,17 @@ class ResnetBlock2D(nn.Module):
     groups_out: Optional[int] = None
     eps: float = 1e-5
     output_scale_factor: float = 1.0
+    norm_over_batch: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.norm1 = group_norm(self.groups, self.eps, **kw)
+        self.norm1 = group_norm(self.groups, self.eps, pool_batch=self.norm_over_batch, **kw)
         self.conv1 = conv2d(self.out_channels, 3, **kw)
         if self.temb_channels is not None:
             self.time_emb_proj = nn.Dense(self.out_channels, **kw)
-        self.norm2 = group_norm(self.groups_out or self.groups, self.eps, **kw)
+        self.norm2 = group_norm(self.groups_out or self.groups, self.eps, pool_batch=self.norm_over_batch, **kw)
         self.conv2 = conv2d(self.out_channels, 3, **kw)
         if self.in_channels != self.out_channels:
             self.conv_shortcut = conv2d(self.out_channels, 1, **kw)
