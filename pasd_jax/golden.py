@@ -1,6 +1,7 @@
 """Golden-vector harness: run the PASD ControlNet + UNet on a golden set and write their outputs.
 
     python -m pasd_jax.golden GOLDEN_DIR OUT_DIR [--variants pasd,pasd_rrdb] [--cases case1]
+    python -m pasd_jax.golden --e2e E2E_DIR OUT_DIR      (end-to-end sampling; see golden_e2e.py)
 
 `GOLDEN_DIR/manifest.json` lists variants (each with `unet_dir`, `controlnet_dir` holding diffusers
 `config.json` + `diffusion_pytorch_model.safetensors` or `.bin`) and cases (inputs file, NCHW).
@@ -210,12 +211,24 @@ def run_golden(golden_dir: str, out_dir: str, *, variants: Optional[list] = None
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pasd_jax.golden", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("golden_dir")
+    ap.add_argument("golden_dir", help="golden root (manifest.json), or with --e2e the e2e folder or its root")
     ap.add_argument("out_dir")
+    ap.add_argument("--e2e", action="store_true",
+                    help="run the end-to-end sampling contract instead (writes OUT_DIR/outputs.safetensors)")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the manifest's variants")
     ap.add_argument("--cases", default=None, help="comma-separated subset of case names")
     args = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x] if s else None
+    if args.e2e:
+        from pasd_jax import golden_e2e
+
+        try:
+            path = golden_e2e.run_e2e(args.golden_dir, args.out_dir)
+        except (golden_e2e.E2EError, ConversionError, UnsupportedConfigError, FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        return 0
     try:
         written = run_golden(args.golden_dir, args.out_dir, variants=split(args.variants), cases=split(args.cases))
     except (GoldenError, ConversionError, UnsupportedConfigError) as err:

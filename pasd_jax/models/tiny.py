@@ -37,32 +37,38 @@ SD15_SCHEDULER = {
 }
 
 
-def tiny_unet_config(family: str = "pasd") -> dict:
-    """SD1.5 UNet block layout at widths (32, 32, 64, 64); C_3 = C_2 as PASD's UpBlock2D PACA needs."""
+def tiny_unet_config(family: str = "pasd", levels: int = 4) -> dict:
+    """SD1.5 UNet block layout at widths (32, 32, 64, 64); C_3 = C_2 as PASD's UpBlock2D PACA needs.
+
+    `levels=2` gives a two-level (32, 32) variant that compiles several times faster (tests)."""
+    if levels not in (2, 4):
+        raise ValueError(f"levels must be 2 or 4, got {levels}")
+    attn = levels - 1
     return {
         "_class_name": "UNet2DConditionModel", registry.FAMILY_KEY: family,
         "sample_size": 8, "in_channels": 4, "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "attention_head_dim": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * attn + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * attn,
+        "block_out_channels": [32, 32, 64, 64] if levels == 4 else [32, 32],
+        "layers_per_block": 1, "attention_head_dim": 2,
         "cross_attention_dim": 32, "norm_num_groups": 8, "norm_eps": 1e-5, "act_fn": "silu",
         "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
         "use_linear_projection": False, "upcast_attention": False, "only_cross_attention": False,
     }
 
 
-def tiny_controlnet_config(unet_config: Mapping[str, Any], use_rrdb: bool = False) -> dict:
-    """`ControlNetModel.from_unet` of the tiny UNet, DR net channels (8, 16, 24, 32)."""
-    return controlnet_config_from_unet(unet_config, conditioning_embedding_out_channels=[8, 16, 24, 32],
+def tiny_controlnet_config(unet_config: Mapping[str, Any], use_rrdb: bool = False, levels: int = 4) -> dict:
+    """`ControlNetModel.from_unet` of the tiny UNet, DR net channels (8, 16, 24, 32) (levels=2: (8, 16))."""
+    return controlnet_config_from_unet(unet_config, conditioning_embedding_out_channels=[8, 16, 24, 32][:levels],
                                        use_rrdb=use_rrdb)
 
 
-def tiny_vae_config() -> dict:
-    """An 8× AutoencoderKL (four levels), 4 latent channels, SD's scaling factor."""
+def tiny_vae_config(levels: int = 4) -> dict:
+    """An 8× AutoencoderKL (four levels; levels=2: 2×), 4 latent channels, SD's scaling factor."""
     return {
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [16, 32, 32, 32][:levels], "layers_per_block": 1, "norm_num_groups": 8,
         "act_fn": "silu", "sample_size": 64, "scaling_factor": 0.18215,
     }
 
@@ -77,10 +83,12 @@ def tiny_text_config() -> dict:
     }
 
 
-def tiny_configs(family: str = "pasd", use_rrdb: bool = False) -> dict[str, dict]:
-    """{"unet", "controlnet", "vae", "text_encoder"} -> config dict of the smoke model."""
-    unet = tiny_unet_config(family)
-    return {"unet": unet, "controlnet": tiny_controlnet_config(unet, use_rrdb), "vae": tiny_vae_config(),
+def tiny_configs(family: str = "pasd", use_rrdb: bool = False, levels: int = 4) -> dict[str, dict]:
+    """{"unet", "controlnet", "vae", "text_encoder"} -> config dict of the smoke model.
+
+    `levels=2` is a faster-compiling test variant whose VAE and DR net downscale by 2, not 8."""
+    unet = tiny_unet_config(family, levels)
+    return {"unet": unet, "controlnet": tiny_controlnet_config(unet, use_rrdb, levels), "vae": tiny_vae_config(levels),
             "text_encoder": tiny_text_config()}
 
 
@@ -136,7 +144,7 @@ def init_params(config: Mapping[str, Any], seed: int) -> dict:
 
 
 def make_tiny_pipeline(dst: str | os.PathLike, *, family: str = "pasd", use_rrdb: bool = False,
-                       seed: int = 0, overwrite: bool = False) -> str:
+                       seed: int = 0, overwrite: bool = False, levels: int = 4) -> str:
     """Write the smoke model as a converted folder (what `python -m convert` makes of a pipeline).
 
     `dst/{unet,controlnet,vae,text_encoder}` (config.json + flax_params.safetensors),
@@ -148,7 +156,7 @@ def make_tiny_pipeline(dst: str | os.PathLike, *, family: str = "pasd", use_rrdb
 
     dst = os.fspath(dst)
     weights.check_destination(dst, overwrite)
-    configs = tiny_configs(family, use_rrdb)
+    configs = tiny_configs(family, use_rrdb, levels)
     params = {name: init_params(cfg, seed + i) for i, (name, cfg) in enumerate(configs.items())}
     params["controlnet"] = controlnet_params_from_unet(params["unet"], params["controlnet"])
     staged = weights.staging_dir(dst)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps
+from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps, prev_timestep
 from pasd_jax.imaging import tiling
 
 
@@ -126,12 +126,19 @@ def ans_init(schedule: DDIMArrays, z0, eps_t0, eps_added, t0, added_noise_level)
 class Sampler:
     """PASD sampling for one `PASDModels` and one `SamplerSettings` (see the module docstring)."""
 
-    def __init__(self, models, settings: SamplerSettings = SamplerSettings()):
+    def __init__(self, models, settings: SamplerSettings = SamplerSettings(), timesteps=None):
+        """`timesteps` (descending ints) replaces the schedule's `settings.num_steps` DDIM timesteps
+        (e.g. a golden test's); the DDIM step then goes from t to t − T // len(timesteps)."""
         self.models = models
-        self.settings = settings
         self.schedule = models.schedule
         self.arrays = DDIMArrays.from_schedule(models.schedule)
-        ts, prev = ddim_timesteps(models.schedule, settings.num_steps)
+        if timesteps is None:
+            ts, prev = ddim_timesteps(models.schedule, settings.num_steps)
+        else:
+            ts = np.asarray(timesteps, np.int32).reshape(-1)
+            settings = dataclasses.replace(settings, num_steps=len(ts))
+            prev = prev_timestep(ts, models.schedule.num_train_timesteps, len(ts)).astype(np.int32)
+        self.settings = settings
         self.timesteps, self.prev_timesteps = jnp.asarray(ts), jnp.asarray(prev)
         self.trace_count = 0
         self._sample = jax.jit(self._sample_impl)

@@ -1,0 +1,134 @@
+"""The compiled sampler on the tiny smoke model: one trace per shape, scan = loop, ANS closed form,
+tiled noise prediction = the numpy blending oracle, CFG shortcut, seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pasd_jax.imaging import tiling
+from pasd_jax.models import tiny
+from pasd_jax.sampling.loader import load_models
+from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, ans_init, latent_shape, make_inputs
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """Tiny models: XLA's optimisation passes cost more than they save here."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "pasd"
+    tiny.make_tiny_pipeline(folder, seed=0, levels=2)  # 2× latents, fast to compile
+    m = load_models(folder)
+    # give the zero convs weights so the ControlNet really steers the UNet in these tests
+    cn = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 if "controlnet_down_blocks" in jax.tree_util.keystr(path) else x,
+        m.params["controlnet"])
+    return dataclasses.replace(m, params={**m.params, "controlnet": cn})
+
+
+def _inputs(models, seed=0, size=(16, 24), guidance=True, guidance_scale=7.5, level=900):
+    rng = np.random.default_rng(seed)
+    lq = rng.random((1,) + size + (3,), dtype=np.float32)
+    text = rng.standard_normal((2 if guidance else 1, 77, 32)).astype(np.float32)
+    noises = Noises.draw(jax.random.key(seed), latent_shape(models, lq.shape))
+    return make_inputs(lq, text, noises, guidance_scale=guidance_scale, added_noise_level=level)
+
+
+@pytest.fixture(scope="module")
+def sampler(models):
+    return Sampler(models, SamplerSettings(num_steps=STEPS, trajectory=True))
+
+
+def test_compiled_once_per_shape_and_scan_equals_loop(models, sampler):
+    a = sampler(_inputs(models, seed=0))
+    b = sampler(_inputs(models, seed=1, guidance_scale=3.0, level=500))  # new values, same shapes
+    assert sampler.trace_count == 1
+    assert not np.allclose(a["image"], b["image"])
+    loop = sampler.run_loop(_inputs(models, seed=0))
+    for name in ("init_latents", "trajectory", "final_latents", "decoded", "image"):
+        np.testing.assert_allclose(loop[name], a[name], atol=1e-5, rtol=1e-5, err_msg=name)
+    assert a["trajectory"].shape == (STEPS, 1, 8, 12, 4) and a["image"].shape == (1, 16, 24, 3)
+    assert float(a["image"].min()) >= 0.0 and float(a["image"].max()) <= 1.0
+    sampler(_inputs(models, seed=0, size=(16, 16)))
+    assert sampler.trace_count == 2
+
+
+def test_same_seed_same_result(models, sampler):
+    a, b = sampler(_inputs(models, seed=4)), sampler(_inputs(models, seed=4))
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+def test_ans_closed_form_matches_two_add_noise_calls(models, sampler):
+    sched = models.schedule
+    rng = np.random.default_rng(0)
+    z0, e2, e3 = (jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32) for _ in range(3))
+    t0 = int(sampler.timesteps[0])
+    want = sched.add_noise(sched.add_noise(z0, e2, t0), e3, 900)
+    got = ans_init(sampler.arrays, z0, e2, e3, t0, 900)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    off = ans_init(sampler.arrays, z0, e2, e3, t0, 0)  # level 0: ANS off
+    np.testing.assert_allclose(off, sched.add_noise(z0, e2, t0), atol=2e-6)
+    # the signal coefficient of §7.4: sqrt(ᾱ_900 · ᾱ_t0)
+    coef = np.sqrt(sched.alphas_cumprod[900] * sched.alphas_cumprod[t0])
+    np.testing.assert_allclose(ans_init(sampler.arrays, z0, 0 * e2, 0 * e3, t0, 900), coef * z0, rtol=1e-5)
+
+
+def test_tiled_prediction_matches_numpy_blend_oracle(models):
+    settings = SamplerSettings(num_steps=STEPS, tile_size=6, tile_overlap=2, tiles_per_call=2)
+    s = Sampler(models, settings)
+    inp = _inputs(models, seed=2)
+    x = jnp.concatenate([inp.noises.first_timestep] * 2)
+    cond = jnp.concatenate([inp.lq] * 2)
+    t, p = jnp.int32(501), models.params
+    got = jax.jit(s._tiled_eps)(p, x, t, inp.text, cond, inp.conditioning_scale)
+    origins = tiling.tile_origins(8, 12, 6, 2)
+    assert len(origins) == 6  # 2 rows × 3 columns, one padded group with tiles_per_call=2 → 3 calls
+    eps = jax.jit(s._eps)
+    d = models.latent_downscale
+    tiles = [eps(p, x[:, y:y + 6, x0:x0 + 6], t, inp.text, cond[:, d * y:d * (y + 6), d * x0:d * (x0 + 6)],
+                 inp.conditioning_scale) for y, x0 in origins]
+    want = tiling.blend(np.stack(tiles), origins, tiling.gaussian_weights(6, 6), 8, 12)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    # one tile covering the latent gives the untiled prediction
+    whole = Sampler(models, dataclasses.replace(settings, tile_size=12, tile_overlap=0))
+    sq = jnp.concatenate([x[:, :, :8], x[:, :, :8]])[:2]
+    got1 = jax.jit(whole._tiled_eps)(p, sq, t, inp.text, cond[:, :, :8 * d], inp.conditioning_scale)
+    want1 = jax.jit(whole._eps)(p, sq, t, inp.text, cond[:, :, :8 * d], inp.conditioning_scale)
+    np.testing.assert_allclose(got1, want1, atol=1e-5)
+
+
+def test_guidance_off_equals_scale_one(models):
+    on = Sampler(models, SamplerSettings(num_steps=STEPS))
+    off = Sampler(models, SamplerSettings(num_steps=STEPS, guidance=False))
+    inp = _inputs(models, seed=3, guidance_scale=1.0)
+    single = inp._replace(text=inp.text[1:])
+    np.testing.assert_allclose(off(single)["final_latents"], on(inp)["final_latents"], atol=1e-4)
+
+
+def test_pure_noise_init_and_eta(models):
+    s = Sampler(models, SamplerSettings(num_steps=STEPS, init="noise", eta=1.0))
+    inp = _inputs(models, seed=5)
+    out = s(inp)
+    assert "vae_latent_z0" not in out
+    np.testing.assert_array_equal(out["init_latents"], inp.noises.first_timestep)
+    other = s(inp._replace(noises=inp.noises._replace(step_key=jax.random.key(9))))
+    assert not np.allclose(out["final_latents"], other["final_latents"])  # η > 0 draws step noise
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="init"):
+        SamplerSettings(init="zeros")
+    with pytest.raises(ValueError, match="vae_tiling"):
+        SamplerSettings(vae_tiling="sometimes")
