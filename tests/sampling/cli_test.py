@@ -1,0 +1,113 @@
+"""sample.py as a user runs it: folders, bad files, no overwriting, seeds, sidecar prompts, --demo,
+and loading a PASD checkpoint over a swapped base."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from pasd_jax.models import tiny, weights
+from pasd_jax.sampling import cli
+from pasd_jax.sampling.loader import load_models
+
+FAST = ["--steps", "2", "--process-size", "16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "pasd"
+    return str(tiny.make_tiny_pipeline(folder, seed=0, levels=2))
+
+
+@pytest.fixture
+def photos(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(src / "a.png")
+    Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(src / "b.jpg", quality=90)
+    (src / "a.txt").write_text("a red house")
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return src
+
+
+def test_folder_run_bad_file_overwrite_and_seed(ckpt, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--ckpt", ckpt, "--input", str(photos), "--output", str(out), *FAST]
+    assert cli.main(args) == 1  # bad.png failed, the others were written
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "FAILED 1" in err and "restored 2 images" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert Image.open(out / "a.png").size == (24, 16)
+    first = (out / "a.png").read_bytes()
+
+    assert cli.main(args) == 1  # existing outputs are refused before any work
+    assert "output exists" in capsys.readouterr().err
+    assert (out / "a.png").read_bytes() == first
+
+    assert cli.main(args + ["--skip-existing"]) == 1
+    assert "skipped 2 existing" in capsys.readouterr().err
+
+    assert cli.main(args + ["--overwrite"]) == 1  # same seed: the same bytes
+    assert (out / "a.png").read_bytes() == first
+    assert cli.main(args + ["--overwrite", "--seed", "7"]) == 1
+    assert (out / "a.png").read_bytes() != first
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_single_file_upscale_to_named_output(ckpt, photos, tmp_path):
+    dst = tmp_path / "x" / "restored.png"
+    assert cli.main(["--ckpt", ckpt, "--input", str(photos / "a.png"), "--output", str(dst), "--upscale", "2",
+                     *FAST]) == 0
+    assert Image.open(dst).size == (48, 32)
+
+
+def test_usage_errors(ckpt, photos, tmp_path, capsys):
+    assert cli.main(["--input", str(photos), "--output", str(tmp_path / "o")]) == 2
+    assert "--ckpt is required" in capsys.readouterr().err
+    assert cli.main(["--ckpt", ckpt, "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["--ckpt", str(tmp_path / "nockpt"), "--input", str(photos), "--output", str(tmp_path / "o")]) == 1
+    assert "nockpt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_read_prompt_joins_sidecar_and_cli(photos):
+    assert cli.read_prompt(photos / "a.png", "old photo") == "a red house, old photo"
+    assert cli.read_prompt(photos / "b.jpg", "") == ""
+
+
+def test_demo_says_smoke_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PASD_JAX_HOME", str(tmp_path / "home"))
+    assert cli.main(["--demo", "--output", str(tmp_path / "demo"), "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "SMOKE MODEL" in err
+    img = np.asarray(Image.open(tmp_path / "demo" / "demo_input.png"))
+    assert img.shape == (192, 192, 3) and img.std() > 1.0
+
+
+def test_base_swap_keeps_paca_and_controlnet(ckpt, tmp_path):
+    base = tiny.make_tiny_pipeline(tmp_path / "base", seed=100, levels=2, family="stock")
+    m = load_models(ckpt, base=base)
+    _, pasd_unet = weights.load_converted(f"{ckpt}/unet")
+    _, base_unet = weights.load_converted(f"{base}/unet")
+    _, pasd_cn = weights.load_converted(f"{ckpt}/controlnet")
+    _, base_vae = weights.load_converted(f"{base}/vae")
+    got = m.params["unet"]
+    np.testing.assert_array_equal(got["conv_in"]["kernel"], base_unet["conv_in"]["kernel"])
+    paca = got["up_blocks_0"]["pixel_attentions_0"]["proj_in"]["kernel"]
+    np.testing.assert_array_equal(paca, pasd_unet["up_blocks_0"]["pixel_attentions_0"]["proj_in"]["kernel"])
+    np.testing.assert_array_equal(m.params["controlnet"]["conv_in"]["kernel"], pasd_cn["conv_in"]["kernel"])
+    np.testing.assert_array_equal(m.params["vae"]["decoder"]["conv_out"]["kernel"],
+                                  base_vae["decoder"]["conv_out"]["kernel"])
+    with pytest.raises(ValueError, match="PASD UNet"):
+        load_models(base)  # a stock pipeline is not a PASD checkpoint
