@@ -1,0 +1,1 @@
+"""Training data: Real-ESRGAN degradations and the grain input pipeline."""
