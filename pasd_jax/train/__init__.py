@@ -1,0 +1,1 @@
+"""Training: state, step, losses, optimiser, sharding, checkpoints, loop, validation."""

@@ -1,0 +1,153 @@
+"""Checkpoints (orbax) in the workdir, initial weights, and export to a converted folder.
+
+* `Checkpointer`: an orbax `CheckpointManager` under `workdir/checkpoints` saving a Composite of
+  `state` (TrainState: trainable params, optimiser state, step, rng), `data_iter` (the grain
+  iterator state, JSON) and `config` (JSON); async, keeps the newest N, restores into the
+  requested shardings. The frozen base weights are never re-saved: they are re-read from
+  `config.base`, which the saved config records (STYLE §2.5).
+* `load_initial_params`: base converted pipeline (+ optional converted PASD checkpoint to
+  fine-tune), building PASD's initial ControlNet from the UNet trunk when the base has none
+  (diffusers `ControlNetModel.from_unet`, PASD_REFERENCE §8).
+* `export_converted`: the trained result as a converted pipeline folder `sample.py` loads:
+  `unet/` and `controlnet/` written with `save_converted`, `vae/`, `text_encoder/`, `tokenizer/`,
+  `scheduler/` copied from the base. The converter turns it into PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pasd_jax.models import registry, weights
+from pasd_jax.models.controlnet import controlnet_config_from_unet, controlnet_params_from_unet
+from pasd_jax.models.tiny import init_params
+
+log = logging.getLogger(__name__)
+COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` (see module doc)."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data_iter", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter_state: dict, config_json: dict, *, force: bool = False) -> bool:
+        """Start an (async) save of step `step`; returns whether a save was started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data_iter=ocp.args.JsonSave(_jsonable(data_iter_state)),
+                                  config=ocp.args.JsonSave(config_json))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """(state placed as `abstract_state`'s shardings, data-iterator state) of `step`."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data_iter=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        return restored["state"], restored["data_iter"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _jsonable(x: Any) -> Any:
+    """Grain iterator states may hold numpy scalars/bytes; make them JSON values."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, bytes):
+        return x.decode("latin-1")
+    return x
+
+
+def _fix_family(unet_config: dict, family: str) -> dict:
+    cfg = dict(unet_config)
+    cfg[registry.FAMILY_KEY] = family
+    return cfg
+
+
+def load_initial_params(base: str, *, family: str, use_rrdb: bool, init_from: str = "",
+                        seed: int = 0) -> tuple[dict, dict]:
+    """(configs, params) of {"unet", "controlnet", "vae", "text_encoder"} for a fresh run.
+
+    UNet: the base's weights into the `family` UNet; PACA / `_plus` params missing from the base
+    get the tiny model's seeded random init (PASD keeps PyTorch's default init there; PACA
+    `proj_out` is not zero-initialised, §8). ControlNet: the base's `controlnet/` if it has one,
+    else `from_unet` (trunk copied, DR net random, zero convs zero). `init_from` (a converted PASD
+    checkpoint with unet/ and controlnet/) then overrides both. Params are numpy float32.
+    """
+    configs, params = {}, {}
+    for part in ("vae", "text_encoder"):
+        configs[part], params[part] = weights.load_converted(os.path.join(base, part))
+    unet_cfg, unet_base = weights.load_converted(os.path.join(base, "unet"))
+    configs["unet"] = _fix_family(unet_cfg, family)
+    fresh = init_params(configs["unet"], seed)
+    base_flat, fresh_flat = weights.flatten_params(unet_base), weights.flatten_params(fresh)
+    unexpected = sorted(set(base_flat) - set(fresh_flat))
+    if unexpected:
+        raise ValueError(f"{base}/unet has parameters a {family} UNet lacks (e.g. {unexpected[:3]}); "
+                         f"is model.family right?")
+    params["unet"] = weights.unflatten_params({k: base_flat.get(k, v) for k, v in fresh_flat.items()})
+    if os.path.isdir(os.path.join(base, "controlnet")):
+        configs["controlnet"], params["controlnet"] = weights.load_converted(os.path.join(base, "controlnet"))
+    else:
+        configs["controlnet"] = controlnet_config_from_unet(unet_cfg, use_rrdb=use_rrdb)
+        params["controlnet"] = controlnet_params_from_unet(params["unet"],
+                                                           init_params(configs["controlnet"], seed + 1))
+    if init_from:
+        for part in ("unet", "controlnet"):
+            cfg, p = weights.load_converted(os.path.join(init_from, part))
+            configs[part], params[part] = cfg, p
+    return configs, params
+
+
+def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwrite: bool = True) -> str:
+    """Write `dst/{unet,controlnet}` (trained) + copies of the base's other parts; returns `dst`.
+
+    `params` holds at least "unet" and "controlnet" (host numpy or jax arrays, full trees).
+    """
+    weights.check_destination(dst, overwrite)
+    staged = weights.staging_dir(dst)
+    try:
+        for part in ("unet", "controlnet"):
+            host = jax.tree_util.tree_map(np.asarray, params[part])
+            weights.save_converted(os.path.join(staged, part), configs[part], host, component=part)
+        for part in COPIED_PARTS:
+            src = os.path.join(base, part)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(staged, part))
+        manifest_src = os.path.join(base, weights.MANIFEST_NAME)
+        manifest = {}
+        if os.path.isfile(manifest_src):
+            with open(manifest_src) as f:
+                manifest = json.load(f)
+        manifest.update({"format_version": weights.FORMAT_VERSION, "trained_by": "pasd_jax.train",
+                         "base": os.path.abspath(base)})
+        with open(os.path.join(staged, weights.MANIFEST_NAME), "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        weights.commit_dir(staged, dst, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return dst

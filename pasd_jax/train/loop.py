@@ -1,0 +1,227 @@
+"""`train(config, workdir)`: the training loop as a library function (big_vision-shaped `main`).
+
+Sections: distributed start-up → workdir/config → base weights → mesh → models/optimiser →
+shardings and initial state → data → checkpoint resume → compiled step → loop (log, checkpoint,
+validate, SIGTERM) → export. Re-running with the same workdir resumes from the newest checkpoint:
+trainable params, optimiser state, step, rng and the grain iterator state are restored, so the
+resumed run repeats the uninterrupted run's losses exactly. The final weights are exported to
+`workdir/export` as a converted pipeline folder that `sample.py` loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pasd_jax.data import pipeline
+from pasd_jax.diffusion.schedule import NoiseSchedule
+from pasd_jax.models import registry
+from pasd_jax.models.tiny import make_tiny_pipeline
+from pasd_jax.train import checkpoint, sharding, validate
+from pasd_jax.train.metrics import MetricWriter
+from pasd_jax.train.optim import make_optimizer
+from pasd_jax.train.state import TrainState, count_params, merge, split
+from pasd_jax.train.step import Models, StepOptions, train_step
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_base(config, workdir: str) -> str:
+    """The converted base folder; "tiny" writes the smoke model into `workdir/tiny_base` once."""
+    if config.base == "tiny":
+        dst = os.path.join(workdir, "tiny_base")
+        if not os.path.isdir(dst) and jax.process_index() == 0:
+            make_tiny_pipeline(dst, family=config.model.family, use_rrdb=config.model.use_rrdb, seed=config.seed)
+        return dst
+    if not config.base or not os.path.isdir(config.base):
+        raise FileNotFoundError(f"config.base={config.base!r} is not a folder; convert SD1.5 with "
+                                f"`python -m convert` and pass --config.base=DIR (or use :tiny)")
+    return config.base
+
+
+def build_models(configs: dict, config) -> Models:
+    """Flax modules with the configured compute dtypes (params stay float32)."""
+    compute = DTYPES[config.dtype.compute]
+    return Models(
+        unet=registry.build_module(configs["unet"], dtype=compute),
+        controlnet=registry.build_module(configs["controlnet"], dtype=compute),
+        vae=registry.build_module(configs["vae"], dtype=DTYPES[config.dtype.vae_compute]),
+        text_encoder=registry.build_module(configs["text_encoder"], dtype=compute))
+
+
+def build_schedule(base: str, config) -> NoiseSchedule:
+    """The base's scheduler, with the variant's prediction type / zero-terminal-SNR overrides."""
+    overrides = {}
+    if config.model.prediction_type:
+        overrides["prediction_type"] = config.model.prediction_type
+    if config.model.zero_terminal_snr:
+        overrides["rescale_betas_zero_snr"] = True
+    return NoiseSchedule.load(os.path.join(base, "scheduler"), **overrides)
+
+
+class _Stop:
+    """Remembers a SIGTERM so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: checkpointing and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Train (or resume) in `workdir`. `stop_after` ends the loop early at that step (tests:
+    an interrupted run). Returns {"step", "last_metrics", "export", "state", "frozen"} (device trees)."""
+    sharding.maybe_initialize_distributed()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    config_json = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2, sort_keys=True)
+
+    # ---- Base weights, models, schedule --------------------------------------------------------------
+    base = resolve_base(config, workdir)
+    configs, params = checkpoint.load_initial_params(base, family=config.model.family, use_rrdb=config.model.use_rrdb,
+                                                     init_from=config.init_from, seed=config.seed)
+    models = build_models(configs, config)
+    schedule = build_schedule(base, config)
+    trainable, frozen = split(params, config.train.trainable)
+    log.info("trainable params: %d, frozen: %d", count_params(trainable), count_params(frozen))
+
+    # ---- Mesh, optimiser, shardings, initial state ----------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules, min_size = tuple(tuple(r) for r in config.mesh.rules), config.mesh.fsdp_min_size
+    tx, lr_fn = make_optimizer(config.optim)
+    create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
+    abstract_state = jax.eval_shape(create, trainable)
+    state_sh = sharding.tree_shardings(abstract_state, mesh, rules, min_size)
+    frozen_sh = sharding.tree_shardings(frozen, mesh, rules, min_size)
+    frozen = sharding.put(frozen, frozen_sh)
+    trainable = sharding.put(trainable, state_sh.params)
+
+    # ---- Data ---------------------------------------------------------------------------------------
+    global_batch = config.data.global_batch or config.data.batch_per_device * jax.device_count()
+    if global_batch % jax.device_count():
+        raise ValueError(f"global batch {global_batch} is not divisible by the {jax.device_count()} devices")
+    local_batch = global_batch // jax.process_count()
+    tokenizer_dir = os.path.join(base, "tokenizer")
+    source = pipeline.make_source(config.data)
+    dataset = pipeline.make_dataset(config.data, seed=config.seed, local_batch=local_batch,
+                                    tokenizer_dir=tokenizer_dir, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), source=source)
+    data_iter = iter(dataset)
+
+    # ---- Checkpoint: resume or start --------------------------------------------------------------------
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract_state, state_sh)
+        state, iter_state = ckpt.restore(latest, target)
+        data_iter.set_state(iter_state)
+        log.info("resumed from step %d", latest)
+    else:
+        state = jax.jit(create, out_shardings=state_sh)(trainable)
+    del trainable, params
+
+    # ---- Compiled step --------------------------------------------------------------------------------
+    opts = StepOptions(dr_loss_weight=config.train.dr_loss_weight,
+                       colorfulness_weight=config.train.colorfulness_weight,
+                       latent_scale=float(models.vae.scaling_factor), remat_policy=config.train.remat_policy)
+    batch_sh = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, models=models, schedule=schedule, tx=tx, lr_fn=lr_fn, opts=opts,
+                          grad_accum=config.optim.grad_accum),
+        in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0)
+
+    val = None
+    if config.train.validate_every > 0:
+        val_batch = pipeline.validation_examples(config.data, seed=config.seed, count=config.train.val_images,
+                                                 tokenizer_dir=tokenizer_dir, source=source)
+        val_fn = validate.make_val_sampler(models, schedule, config.train.val_steps, opts.latent_scale,
+                                           out_sharding=sharding.replicated(mesh))
+        val = (val_batch, jax.device_put({k: val_batch[k] for k in ("lq", "prompt_ids")}, sharding.replicated(mesh)),
+               val_fn)
+
+    # ---- Loop ------------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir)
+    step = int(jax.device_get(state.step))
+    total = config.train.total_steps
+    pending, last, t0, steps_since = [], {}, time.perf_counter(), 0
+    with _Stop() as stop:
+        while step < total:
+            batch = sharding.global_batch(next(data_iter), mesh)
+            with jax.transfer_guard("disallow" if config.train.transfer_guard else "allow"):
+                state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            steps_since += 1
+            pending.append(metrics)
+            if step % config.train.log_every == 0 or step == total:
+                host = jax.device_get(pending)
+                elapsed = time.perf_counter() - t0
+                for i, m in enumerate(host):
+                    row = dict(m)
+                    if i == len(host) - 1:
+                        row["step_time_s"] = elapsed / steps_since
+                        row["images_per_s"] = global_batch * steps_since / elapsed
+                    writer.write(step - len(host) + 1 + i, row)
+                last = {k: float(v) for k, v in host[-1].items()}
+                if not np.isfinite(last["loss"]):
+                    raise FloatingPointError(f"non-finite loss {last['loss']} at step {step} "
+                                             f"(the step guard kept the parameters of step {step - 1})")
+                pending, t0, steps_since = [], time.perf_counter(), 0
+            stopping = stop.requested or (stop_after is not None and step >= stop_after)
+            if step % config.train.ckpt_every == 0 or step == total or stop.requested:
+                ckpt.save(step, state, data_iter.get_state(), config_json, force=True)
+            if val is not None and (step % config.train.validate_every == 0 or step == total):
+                val_batch, val_in, val_fn = val
+                full = merge(state.params, frozen)
+                sr = jax.device_get(val_fn(full, val_in["lq"], val_in["prompt_ids"], jax.random.key(config.seed)))
+                if jax.process_index() == 0:
+                    validate.save_grid(workdir, step, val_batch["lq"], np.asarray(sr), val_batch["hq"])
+                t0 = time.perf_counter()  # validation time is not step time
+            if stopping:
+                break
+    ckpt.close()
+    writer.close()
+
+    export = None
+    if step >= total:
+        full = jax.tree_util.tree_map(_to_host, merge(state.params, frozen))
+        export = os.path.join(workdir, "export")
+        if jax.process_index() == 0:
+            checkpoint.export_converted(export, base, configs, full)
+    return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen}
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as a full numpy array on every host."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

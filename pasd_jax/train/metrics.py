@@ -1,0 +1,68 @@
+"""Training metrics to stdout, a JSONL file in the workdir, and TensorBoard when installed.
+
+One JSON object per logged step: {"step", "loss", "mse", "dr_l1", …, "lr", "step_time_s",
+"images_per_s"}. Only process 0 writes. TensorBoard uses `tensorboardX` or
+`torch.utils.tensorboard` if either imports; neither is a dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+def _summary_writer(logdir: str):
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            mod = __import__(module, fromlist=["SummaryWriter"])
+            return mod.SummaryWriter(logdir)
+        except Exception:  # noqa: BLE001 - absent or broken (torch without tensorboard)
+            continue
+    return None
+
+
+class MetricWriter:
+    """Appends metrics to `workdir/metrics.jsonl`, prints a line, mirrors to TensorBoard."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = _summary_writer(os.path.join(workdir, "tb")) if (self.active and tensorboard) else None
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shown = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "mse", "dr_l1", "lr", "step_time_s", "images_per_s")
+                         if k in row)
+        log.info("step %d %s", step, shown)
+        print(f"[train] step {step} {shown}", flush=True)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> dict[int, dict]:
+    """step -> the last row logged for it (a resumed run may log a step twice)."""
+    out = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    out[row["step"]] = row
+    return out
