@@ -186,6 +186,10 @@ class _WeightsUnpickler(pickle.Unpickler):
         if last >= storage.size:
             raise CheckpointReadError(f"{self._path}: tensor of size {size} reaches past its storage "
                                       f"({storage.size} elements); file is corrupt")
+        numel = int(np.prod(size))
+        contiguous = all(st == int(np.prod(size[i + 1:])) for i, st in enumerate(stride) if size[i] > 1)
+        if contiguous:  # the usual case: a read-only view of the storage, no second copy in memory
+            return storage[offset:offset + numel].reshape(size)
         view = np.lib.stride_tricks.as_strided(storage[offset:], size,
                                                tuple(s * storage.itemsize for s in stride), writeable=False)
         return np.array(view)
