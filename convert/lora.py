@@ -9,7 +9,7 @@ Accepted key styles (one file may mix them):
   up [out, r, 1, 1]).
 * diffusers / PEFT: `<prefix>.<module>.lora_A.weight` / `.lora_B.weight` (`lora_A.default.weight`
   too) with prefix `unet.`, `text_encoder.`, `base_model.model.` or none; the older diffusers
-  attention-processor names `...attn1.processor.to_q_lora.down.weight` as well.
+  names `...attn1.processor.to_q_lora.down.weight` and `...to_q.lora.down.weight` as well.
 
 Module names are matched exactly against the names of the model being merged into (computed
 from its parameter tree, plus LDM aliases for the UNet), never by guessing. `alpha` defaults to
@@ -35,9 +35,10 @@ from convert.mapping import flatten_tree, torch_module_name, unflatten_tree
 _KOHYA = re.compile(r"^(lora_unet|lora_te\d?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _PROCESSOR = re.compile(r"^(.+?)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_LORA_LAYER = re.compile(r"^(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")  # LoRACompatibleLinear
 _PEFT_ALPHA = re.compile(r"^(.+?)\.alpha$")
-_UNSUPPORTED = {"hada_w": "LoHa", "lokr_w": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with CP decomposition (lora_mid)",
-                ".diff": "full weight difference (.diff)"}
+_UNSUPPORTED = {r"\.hada_w": "LoHa", r"\.lokr_w": "LoKr", r"\.dora_scale$": "DoRA",
+                r"\.lora_mid\.": "LoCon with CP decomposition (lora_mid)", r"\.diff(_b)?$": "full weight difference (.diff)"}
 _COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "te.": "text_encoder"}
 
 
@@ -110,7 +111,7 @@ def read_lora(path: str | os.PathLike, multiplier: float = 1.0) -> LoraFile:
     if not state:
         raise LoraError(f"{path}: holds no tensors")
     for marker, kind in _UNSUPPORTED.items():
-        if any(marker in k for k in state):
+        if any(re.search(marker, k) for k in state):
             raise LoraError(f"{path}: {kind} weights are not supported (only LoRA/LoCon up/down pairs)")
     modules: dict[tuple[str | None, str], LoraModule] = {}
     unknown = []
@@ -126,6 +127,9 @@ def read_lora(path: str | os.PathLike, multiplier: float = 1.0) -> LoraFile:
             base, proj, part = match.groups()
             component, base = _peft_component(base)
             name = f"{base}.{proj}.0" if proj == "to_out" else f"{base}.{proj}"
+        elif match := _LORA_LAYER.match(key):
+            component, name = _peft_component(match.group(1))
+            part = match.group(2)
         elif match := _PEFT.match(key):
             component, name = _peft_component(match.group(1))
             part = "down" if match.group(2) == "lora_A" else "up"

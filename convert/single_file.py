@@ -245,6 +245,10 @@ def _component_plans(ckpt: CheckpointFile, model_type: str, configs: Mapping[str
         other = sorted(groups["other"])
         raise ConversionError(f"{ckpt.path}: {len(other)} keys belong to no SD component: "
                               f"{', '.join(other[:10])}{' ...' if len(other) > 10 else ''}")
+    for name, prefix in (("vae", ldm.VAE_PREFIX), ("text_encoder", "cond_stage_model.*")):
+        if not groups[name]:
+            raise ldm.UnsupportedCheckpointError(f"{ckpt.path}: the file holds no {name} ({prefix} keys); "
+                                                 f"only complete SD checkpoints (UNet, VAE, text encoder) convert")
     unet_plan, unet_left = ldm.plan_unet(ldm.split_ema(ckpt.tensors, use_ema), configs["unet"])
     vae_plan, vae_left = ldm.plan_vae(groups["vae"], configs["vae"])
     if model_type == "sd1":
