@@ -234,3 +234,53 @@ def test_malicious_ckpt_is_refused_unexecuted(tmp_path, capsys):
         z.writestr("archive/version", "3\n")
     _fails([path, tmp_path / "out"], capsys, "refusing to load", "nothing from the file was executed")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+# ---- full-size layouts (keys only, meta tensors: no memory, no weights) ----------------------
+SD15_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
+             "attention_head_dim": 8, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+SD21_UNET = dict(SD15_UNET, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+SD_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+          "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+
+@pytest.mark.parametrize("model_type", ["sd1", "sd2"])
+def test_full_size_layout_matches_diffusers(model_type):
+    """SD1.5 / SD2.1 key layouts (2 layers per block, 24 OpenCLIP blocks): our LDM names for every
+    diffusers key go back through diffusers' converters and through ours to the same keys."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    unet_config = SD15_UNET if model_type == "sd1" else SD21_UNET
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config).state_dict()
+        vae = AutoencoderKL(**SD_VAE).state_dict()
+    unet = {k: v for k, v in unet.items() if ".Conv2d_0." not in k}
+    ldm_unet = {ldm.UNET_PREFIX + ldm.map_key(k, ldm.invert(ldm.unet_table(unet_config))): v for k, v in unet.items()}
+    ldm_vae = {}
+    for key, value in vae.items():
+        new = ldm.VAE_PREFIX + ldm.map_key(key, ldm.invert(ldm.vae_table(SD_VAE)))
+        ldm_vae[new] = value[:, :, None, None] if ".mid.attn_1." in new and value.ndim == 2 else value
+    assert set(sfu.convert_ldm_unet_checkpoint(ldm_unet, unet_config)) == set(unet)
+    assert set(sfu.convert_ldm_vae_checkpoint(ldm_vae, SD_VAE)) == set(vae)
+    assert set(ldm.plan_unet({k: k for k in ldm_unet}, unet_config)[0]) == set(unet)
+    plan, left = ldm.plan_vae(ldm_vae, SD_VAE)
+    assert set(plan) == set(vae) and not left
+    # the keys real files are known to have
+    for key in ("input_blocks.3.0.op.weight", "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+                "input_blocks.4.0.skip_connection.weight", "middle_block.1.proj_in.weight", "out.2.bias"):
+        assert ldm.UNET_PREFIX + key in ldm_unet, key
+    for key in ("decoder.up.3.upsample.conv.weight", "encoder.mid.attn_1.q.weight", "decoder.up.0.block.0.nin_shortcut.weight"):
+        assert ldm.VAE_PREFIX + key in ldm_vae, key
+    if model_type == "sd2":  # OpenCLIP-H: 24 resblocks, diffusers keeps 23
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            clip = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                                num_attention_heads=16, hidden_act="gelu"))
+        text = {f"text_model.{k}" if not k.startswith("text_model.") else k: np.zeros((3,) + (1,) * (v.ndim - 1), np.float32)
+                for k, v in clip.state_dict().items() if not k.endswith("position_ids")}  # keys matter here
+        state = F.open_clip_state(text, 23)
+        assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in state
+        assert set(ldm.plan_open_clip(state, 23)[0]) == set(text)
