@@ -23,6 +23,28 @@ def layer_norm(eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32)
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype)
 
 
+#: Largest score matrix (B·heads·T·S elements) formed at once; above it queries go in chunks.
+MAX_SCORE_ELEMENTS = 2**30
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """softmax(q·kᵀ·scale)·v for q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D].
+
+    `jax.nn.dot_product_attention` when the [B, H, T, S] scores fit `MAX_SCORE_ELEMENTS`; else the
+    queries run in chunks under `lax.map` (exact: softmax is per query row), which bounds memory
+    for PACA at large latents (T = S = h·w tokens, e.g. 102,400 for a 320² latent tile).
+    """
+    b, t, h, d = q.shape
+    per_query = b * h * k.shape[1]
+    if per_query * t <= MAX_SCORE_ELEMENTS:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    chunk = max(1, MAX_SCORE_ELEMENTS // per_query)
+    n = -(-t // chunk)
+    qc = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))).reshape(b, n, chunk, h, d)
+    out = jax.lax.map(lambda qi: jax.nn.dot_product_attention(qi, k, v, scale=scale), jnp.moveaxis(qc, 1, 0))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, v.shape[-1])[:, :t]
+
+
 class Attention(nn.Module):
     """Multi-head attention, mirrors diffusers `Attention` (`to_q/to_k/to_v/to_out.0`).
 
@@ -57,7 +79,7 @@ class Attention(nn.Module):
         if self.upcast_attention:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
+        out = attend(q, k, v, self.dim_head ** -0.5)
         return self.to_out_0(out.reshape(b, t, self.heads * self.dim_head).astype(self.dtype))
 
 

@@ -79,6 +79,19 @@ def test_attention(cross):
     assert_close(got, ref(x, ctx).detach().numpy())
 
 
+def test_query_chunked_attention_is_exact(monkeypatch):
+    """Above MAX_SCORE_ELEMENTS the queries run in chunks (with padding) and give the same result."""
+    from pasd_jax.nn import attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 11, 4, 8), (2, 7, 4, 8), (2, 7, 4, 8)))
+    want = attention.attend(q, k, v, 0.3)
+    monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 2 * 4 * 7 * 3)  # 3 queries per chunk, 4 chunks
+    got = attention.attend(q, k, v, 0.3)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.shape == (2, 11, 4, 8)
+
+
 @pytest.mark.parametrize("linear", [False, True])
 def test_transformer2d(linear):
     torch.manual_seed(0)
