@@ -9,6 +9,7 @@ below ~2x the model size.
 
     python benchmarks/convert_single_file.py                  # fp16 file (a "pruned" civitai file)
     python benchmarks/convert_single_file.py --dtype float32  # full-precision file
+    python benchmarks/convert_single_file.py --format ckpt    # pickled .ckpt (needs torch to write)
 """
 
 from __future__ import annotations
@@ -79,26 +80,35 @@ def ldm_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def write_random_checkpoint(path: str, dtype: str, seed: int = 0) -> int:
-    """Write the random single file; returns the number of parameters."""
+    """Write the random single file (.safetensors streamed, .ckpt via torch.save in a Lightning-style
+    `{"state_dict": ..., "global_step": ...}`); returns the number of parameters."""
     rng, np_dtype = np.random.default_rng(seed), np.dtype(dtype)
     shapes = ldm_shapes()
 
     def load(shape):
         return lambda: (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np_dtype)
 
-    tensors = {k: LazyTensor(k, s, np_dtype, load(s)) for k, s in shapes.items()}
-    write_safetensors(path, tensors, metadata={"format": "pt"})
+    if path.endswith(".ckpt"):
+        import torch
+
+        state = {k: torch.from_numpy(load(s)()) for k, s in shapes.items()}
+        torch.save({"state_dict": state, "global_step": 840000}, path)
+    else:
+        tensors = {k: LazyTensor(k, s, np_dtype, load(s)) for k, s in shapes.items()}
+        write_safetensors(path, tensors, metadata={"format": "pt"})
     return sum(int(np.prod(s)) for s in shapes.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--format", default="safetensors", choices=["safetensors", "ckpt"])
     parser.add_argument("--workdir", default=None, help="where to write the file and the output (default: a temp dir)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="convert_bench_")
     os.makedirs(workdir, exist_ok=True)
-    src, dst = os.path.join(workdir, f"sd15_random_{args.dtype}.safetensors"), os.path.join(workdir, "converted")
+    src = os.path.join(workdir, f"sd15_random_{args.dtype}.{args.format}")
+    dst = os.path.join(workdir, "converted")
     start = time.perf_counter()
     num_params = write_random_checkpoint(src, args.dtype)
     print(f"wrote {src}: {num_params / 1e6:.1f}M parameters, {os.path.getsize(src) / 2**30:.2f} GiB "
@@ -106,9 +116,14 @@ def main() -> None:
 
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "convert", src, dst], cwd=REPO, env=env)
+    tty = sys.stderr.isatty()  # show the progress bars live; in a log, keep only warnings/errors
+    result = subprocess.run([sys.executable, "-m", "convert", src, dst], cwd=REPO, env=env,
+                            stderr=None if tty else subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+    if not tty:
+        lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith(("warning", "error"))]
+        print("\n".join(lines), file=sys.stderr) if lines else None
     if result.returncode != 0:
         sys.exit(f"conversion failed with exit code {result.returncode}")
     model_fp32 = num_params * 4
