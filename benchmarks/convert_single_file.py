@@ -123,7 +123,8 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
     if not tty:
         lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith(("warning", "error"))]
-        print("\n".join(lines), file=sys.stderr) if lines else None
+        if lines:
+            print("\n".join(lines), file=sys.stderr)
     if result.returncode != 0:
         sys.exit(f"conversion failed with exit code {result.returncode}")
     model_fp32 = num_params * 4
