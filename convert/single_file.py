@@ -80,15 +80,15 @@ class CheckpointFile:
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointFile:
-    """Index a single file without reading tensor data (safetensors) or through the weights-only
-    unpickler (`.ckpt` / `.pt` / `.pth` / `.bin`, read into memory; nothing from the file runs)."""
+    """Index a single file without reading tensor data: safetensors by its header, `.ckpt` / `.pt` /
+    `.pth` / `.bin` through the weights-only unpickler in lazy mode (nothing from the file runs)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; single-file conversion expects a checkpoint file")
     if os.path.splitext(path)[1].lower() != torch_io.SAFETENSORS_EXTENSION:
-        state, extras = torch_io.load_checkpoint(path)
-        return CheckpointFile(path, {k: LazyTensor(k, v.shape, v.dtype, lambda v=v: v) for k, v in state.items()},
-                              extras)
+        state, extras = torch_io.load_checkpoint(path, lazy=True)
+        return CheckpointFile(path, {k: LazyTensor(k, v.shape, v.dtype, lambda v=v: np.asarray(v))
+                                     for k, v in state.items()}, extras)
     torch_io.check_checkpoint_file(path)
     tensors = {}
     for name, (dtype, shape, offset) in torch_io.safetensors_index(path).items():

@@ -143,14 +143,38 @@ _TORCH_DTYPES = {
 _TENSOR_TYPE = object()  # stand-in for torch.Tensor / nn.Parameter in `_rebuild_from_type_v2`
 
 
+class LazyStorage:
+    """An uncompressed storage record of a torch zip (torch.save writes them stored, not deflated),
+    read from the file only when a tensor on it is materialised."""
+
+    def __init__(self, path: str, offset: int, dtype: np.dtype, numel: int):
+        self.path, self.offset, self.dtype, self.size = path, offset, np.dtype(dtype), int(numel)
+
+    def read(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        count = self.size - start if count is None else count
+        return np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset + start * self.dtype.itemsize)
+
+
+class LazyArray:
+    """A checkpoint tensor read on `np.asarray(...)`; `shape` and `dtype` are known up front."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, load):
+        self.shape, self.dtype, self._load = tuple(shape), np.dtype(dtype), load
+
+    def __array__(self, dtype=None, copy=None):
+        array = self._load()
+        return array if dtype is None else array.astype(dtype)
+
+
 class _WeightsUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` whose `find_class` resolves only the globals a weights file needs, each
     to a local stand-in (torch's `weights_only` unpickler, reimplemented without torch)."""
 
-    def __init__(self, data: bytes, path: str, read_record, big_endian: bool):
+    def __init__(self, data: bytes, path: str, read_record, big_endian: bool, locate_record=None):
         super().__init__(io.BytesIO(data))
         self._path, self._read_record, self._big_endian = path, read_record, big_endian
-        self._storages: dict[str, np.ndarray] = {}
+        self._locate_record = locate_record  # name -> file offset of stored bytes, or None: lazy mode
+        self._storages: dict[str, np.ndarray | LazyStorage] = {}
         self._allowed = allowed_globals(self)
 
     def find_class(self, module, name):
@@ -164,6 +188,14 @@ class _WeightsUnpickler(pickle.Unpickler):
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
             raise CheckpointReadError(f"{self._path}: unexpected persistent id {pid!r} in data.pkl")
         _, storage_type, key, _location, numel = pid
+        if key not in self._storages and self._locate_record is not None and not self._big_endian:
+            located = self._locate_record(f"data/{key}")
+            if located is not None:
+                offset, nbytes = located
+                if nbytes != int(numel) * storage_type.dtype.itemsize:
+                    raise CheckpointReadError(f"{self._path}: storage {key} holds {nbytes} bytes, the pickle "
+                                              f"expects {numel} x {storage_type.dtype}; file is corrupt")
+                self._storages[key] = LazyStorage(self._path, offset, storage_type.dtype, numel)
         if key not in self._storages:
             raw = self._read_record(f"data/{key}")
             if len(raw) != int(numel) * storage_type.dtype.itemsize:
@@ -177,7 +209,7 @@ class _WeightsUnpickler(pickle.Unpickler):
     def rebuild_tensor(self, storage, offset, size, stride, *_ignored):
         size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
         offset = int(offset)
-        if not isinstance(storage, np.ndarray) or len(size) != len(stride) or offset < 0 \
+        if not isinstance(storage, (np.ndarray, LazyStorage)) or len(size) != len(stride) or offset < 0 \
                 or any(s < 0 for s in size + stride):
             raise CheckpointReadError(f"{self._path}: malformed tensor record (size {size}, stride {stride})")
         if 0 in size:
@@ -188,8 +220,16 @@ class _WeightsUnpickler(pickle.Unpickler):
                                       f"({storage.size} elements); file is corrupt")
         numel = int(np.prod(size))
         contiguous = all(st == int(np.prod(size[i + 1:])) for i, st in enumerate(stride) if size[i] > 1)
+        if isinstance(storage, LazyStorage):
+            if contiguous:
+                return LazyArray(size, storage.dtype, lambda: storage.read(offset, numel).reshape(size))
+            return LazyArray(size, storage.dtype, lambda: self._strided(storage.read(), offset, size, stride))
         if contiguous:  # the usual case: a read-only view of the storage, no second copy in memory
             return storage[offset:offset + numel].reshape(size)
+        return self._strided(storage, offset, size, stride)
+
+    @staticmethod
+    def _strided(storage: np.ndarray, offset: int, size: tuple, stride: tuple) -> np.ndarray:
         view = np.lib.stride_tricks.as_strided(storage[offset:], size,
                                                tuple(s * storage.itemsize for s in stride), writeable=False)
         return np.array(view)
@@ -279,7 +319,21 @@ def scan_pickle_globals(data: bytes, path: str) -> set[str]:
     return found
 
 
-def _read_torch_zip(path: str) -> object:
+def _stored_record_offset(path: str, info: zipfile.ZipInfo) -> int:
+    """File offset of an uncompressed zip member's bytes (after its local header)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointReadError(f"{path}: bad zip local header for {info.filename}; file is corrupt")
+    name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len
+    if offset + info.file_size > os.path.getsize(path):
+        raise CheckpointReadError(f"{path}: {info.filename} reaches past the end of the file; it is truncated")
+    return offset
+
+
+def _read_torch_zip(path: str, lazy: bool = False) -> object:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -300,6 +354,15 @@ def _read_torch_zip(path: str) -> object:
             except (zipfile.BadZipFile, OSError, EOFError) as err:
                 raise CheckpointReadError(f"{path}: cannot read {prefix + name} ({err})") from None
 
+        def locate_record(name: str) -> tuple[int, int] | None:
+            try:
+                info = archive.getinfo(prefix + name)
+            except KeyError:
+                raise CheckpointReadError(f"{path}: archive has no record {prefix + name}") from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None  # deflated: read eagerly
+            return _stored_record_offset(path, info), info.file_size
+
         data = read_record("data.pkl")
         big = prefix + "byteorder" in names and read_record("byteorder").strip() == b"big"
         allowed = {".".join(key) for key in allowed_globals()}
@@ -307,16 +370,16 @@ def _read_torch_zip(path: str) -> object:
         if forbidden:
             raise UnsafeCheckpointError(_unsafe_message(path, ", ".join(forbidden)))
         try:
-            return _WeightsUnpickler(data, path, read_record, big).load()
+            return _WeightsUnpickler(data, path, read_record, big, locate_record if lazy else None).load()
         except CheckpointReadError:
             raise
         except Exception as err:  # malformed pickle content: report, never half-load
             raise CheckpointReadError(f"{path}: cannot unpickle data.pkl ({type(err).__name__}: {err})") from None
 
 
-def _read_torch_pickle(path: str) -> object:
+def _read_torch_pickle(path: str, lazy: bool = False) -> object:
     if zipfile.is_zipfile(path):
-        return _read_torch_zip(path)
+        return _read_torch_zip(path, lazy)
     with open(path, "rb") as f:
         start = f.read(2)
     if start == b"\x80\x02":
@@ -339,20 +402,25 @@ def _as_state_dict(obj: object, path: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping):
         raise CheckpointReadError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
-           if not (isinstance(k, str) and isinstance(v, np.ndarray))]
+           if not (isinstance(k, str) and isinstance(v, (np.ndarray, LazyArray)))]
     if bad:
         raise CheckpointReadError(f"{path}: not a flat state dict of tensors; {len(bad)} entries are not "
                                   f"name -> tensor: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     return dict(obj)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+def load_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict, dict]:
     """`load_state_dict` plus the checkpoint's top-level scalars (`checkpoint_extras`; always {}
-    for safetensors files)."""
+    for safetensors files).
+
+    With `lazy`, tensors of a pickle checkpoint are `LazyArray`s read from the file when
+    `np.asarray` asks for them (stored zip records; deflated ones are read up front), so a large
+    `.ckpt` can be converted tensor by tensor. The same allow list guards the unpickling.
+    """
     path = os.fspath(path)
     check_checkpoint_file(path)
     if os.path.splitext(path)[1].lower() in PICKLE_EXTENSIONS:
-        obj = _read_torch_pickle(path)
+        obj = _read_torch_pickle(path, lazy)
         return _as_state_dict(obj, path), checkpoint_extras(obj)
     return load_state_dict(path), {}
 

@@ -72,6 +72,22 @@ def test_bin_written_by_torch_save_reads_equal_without_torch(tmp_path, monkeypat
     np.testing.assert_array_equal(got["param"], tensors["f32"].numpy() * 2)
 
 
+def test_lazy_ckpt_reads_tensors_on_demand(tmp_path):
+    """`load_checkpoint(lazy=True)`: same values, read from the file only when asked for."""
+    tensors = _tensors()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tensors, "global_step": 7}, path)
+    state, extras = torch_io.load_checkpoint(path, lazy=True)
+    assert extras == {"global_step": 7}
+    assert all(isinstance(v, torch_io.LazyArray) for k, v in state.items() if k != "empty")
+    assert state["conv.weight"].shape == (8, 4, 3, 3) and state["bf16"].dtype == ml_dtypes.bfloat16
+    _assert_equal({k: np.asarray(v) for k, v in state.items()}, tensors)
+    data = path.read_bytes()
+    (tmp_path / "trunc.ckpt").write_bytes(data[: len(data) - 200])
+    with pytest.raises(CheckpointReadError):
+        state, _ = torch_io.load_checkpoint(tmp_path / "trunc.ckpt", lazy=True)
+
+
 def test_module_state_dict_with_metadata(tmp_path):
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     torch.save(module.state_dict(), tmp_path / "m.pt")  # OrderedDict carrying `_metadata`
