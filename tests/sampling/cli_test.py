@@ -111,3 +111,17 @@ def test_base_swap_keeps_paca_and_controlnet(ckpt, tmp_path):
                                   base_vae["decoder"]["conv_out"]["kernel"])
     with pytest.raises(ValueError, match="PASD UNet"):
         load_models(base)  # a stock pipeline is not a PASD checkpoint
+
+
+def test_colorize_keeps_the_original_luma(ckpt, tmp_path):
+    gray = np.random.default_rng(3).integers(0, 255, (16, 24), dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "old.png")
+    dst = tmp_path / "color.png"
+    assert cli.main(["--ckpt", ckpt, "--input", str(tmp_path / "old.png"), "--output", str(dst), "--mode", "colorize",
+                     *FAST]) == 0
+    out = np.asarray(Image.open(dst).convert("RGB"), np.float64)
+    luma = out @ np.array([0.299, 0.587, 0.114])
+    assert out.shape == (16, 24, 3)
+    inside = ((out > 0) & (out < 255)).all(-1)  # random chroma may clip a channel, which moves the luma
+    assert inside.mean() > 0.2, inside.mean()
+    assert np.abs(luma - gray)[inside].max() <= 2.5  # YUV round trip of 8-bit values
