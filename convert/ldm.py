@@ -50,9 +50,9 @@ def detect_model_type(state: Mapping[str, Any]) -> str:
     """
     keys = set(state)
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
-    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
+    if any(k.startswith("conditioner.embedders.") for k in keys):
         kind = "an SDXL refiner" if not any(k.startswith("conditioner.embedders.1.") for k in keys) else "SDXL"
-        raise UnsupportedCheckpointError(f"found {kind} checkpoint (conditioner.embedders / label_emb keys); "
+        raise UnsupportedCheckpointError(f"found {kind} checkpoint (conditioner.embedders.* keys); "
                                          f"PASD builds on SD1.x/SD2.x")
     if any(k.startswith("control_model.") for k in keys):
         raise UnsupportedCheckpointError("found a ControlNet checkpoint (control_model.*), not an SD base model")
@@ -77,6 +77,9 @@ def detect_model_type(state: Mapping[str, Any]) -> str:
             in_channels, f"a {in_channels}-channel")
         raise UnsupportedCheckpointError(f"found {kind} UNet ({in_channels} input channels in {conv_in}); "
                                          f"only text-to-image SD1.x/SD2.x (4 channels) is supported")
+    if any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
+        raise UnsupportedCheckpointError("found a class-conditioned UNet (model.diffusion_model.label_emb: SD unCLIP "
+                                         "or similar); only text-to-image SD1.x/SD2.x is supported")
     context = [_shape(state, k)[-1] for k in keys
                if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
     if not context:

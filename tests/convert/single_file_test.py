@@ -169,6 +169,7 @@ def _fails(args, capsys, *needles):
 @pytest.mark.parametrize("case, needle", [
     ("inpainting", "found an inpainting UNet (9 input channels"),
     ("sdxl", "found SDXL checkpoint"),
+    ("unclip", "found a class-conditioned UNet"),
     ("lora", "this file is a LoRA"),
     ("diffusers", "diffusers-named weights"),
     ("unknown", "unknown checkpoint layout"),
@@ -183,6 +184,8 @@ def test_unsupported_model_types_are_named(sd1_state, tmp_path, capsys, case, ne
         state[key] = np.zeros((32, 9, 3, 3), np.float32)
     elif case == "sdxl":
         state["conditioner.embedders.1.model.positional_embedding"] = np.zeros((77, 8), np.float32)
+    elif case == "unclip":
+        state[ldm.UNET_PREFIX + "label_emb.0.0.weight"] = np.zeros((8, 8), np.float32)
     elif case == "lora":
         state = {"lora_unet_x.lora_down.weight": np.zeros((2, 2), np.float32)}
     elif case == "diffusers":
