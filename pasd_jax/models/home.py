@@ -142,7 +142,8 @@ def merge_base_unet(pasd_unet_params: Mapping, base_unet_params: Mapping, *, wha
 
     Returns:
       A new nested dict of numpy arrays with exactly the PASD tree's paths, shapes and dtypes:
-      base values wherever the base has the leaf, PASD values for PACA / `*_plus` leaves.
+      base values wherever the base has the leaf, PASD values for PACA / `*_plus` leaves (kept
+      even when the base is itself a PASD model).
 
     Raises:
       ValueError listing the base leaves PASD lacks, shape mismatches, and the stock (non-PACA)
@@ -165,7 +166,7 @@ def merge_base_unet(pasd_unet_params: Mapping, base_unet_params: Mapping, *, wha
         raise ValueError("\n".join(parts))
     merged = {}
     for path, value in pasd.items():
-        if path in base:
+        if path in base and not is_pasd_only(path):  # PACA / *_plus: always PASD's, even from a PASD "base"
             merged[path] = np.asarray(base[path]).astype(np.asarray(value).dtype, copy=False)
         else:
             merged[path] = np.asarray(value)

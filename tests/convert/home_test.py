@@ -59,6 +59,11 @@ def test_merge_base_unet_keeps_pasd_only_leaves():
     np.testing.assert_array_equal(merged["up_blocks_1"]["pixel_attentions_0"]["proj_in"]["kernel"],
                                   pasd["up_blocks_1"]["pixel_attentions_0"]["proj_in"]["kernel"])
     assert "attn2_plus" in merged["up_blocks_1"]["attentions_0"]
+    other_pasd = _tree(2)  # a PASD model used as the base: its PACA weights are not taken
+    merged = home.merge_base_unet(pasd, other_pasd)
+    np.testing.assert_array_equal(merged["up_blocks_1"]["pixel_attentions_0"]["proj_in"]["kernel"],
+                                  pasd["up_blocks_1"]["pixel_attentions_0"]["proj_in"]["kernel"])
+    np.testing.assert_array_equal(merged["conv_in"]["kernel"], other_pasd["conv_in"]["kernel"])
 
 
 def test_merge_base_unet_architecture_mismatch():
