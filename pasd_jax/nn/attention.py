@@ -24,7 +24,7 @@ def layer_norm(eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32)
 
 
 #: Largest score matrix (B·heads·T·S elements) formed at once; above it queries go in chunks.
-MAX_SCORE_ELEMENTS = 2**30
+MAX_SCORE_ELEMENTS = 2**28
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
