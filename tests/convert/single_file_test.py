@@ -60,11 +60,12 @@ def test_ldm_file_matches_diffusers_single_file_converters(sd):
             np.testing.assert_array_equal(back[name][key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("fmt", ["fp32.safetensors", "fp16.safetensors", "bf16.safetensors", "fp32.ckpt"])
+# SD2 differs from SD1 in keys, not in storage formats: one format suffices there.
+@pytest.mark.parametrize("sd, fmt", [("sd1", f) for f in ("fp32.safetensors", "fp16.safetensors", "bf16.safetensors",
+                                                          "fp32.ckpt")] + [("sd2", "fp16.safetensors")],
+                         indirect=["sd"])
 def test_single_file_converts_like_the_diffusers_folder(sd, tmp_path, fmt, capsys):
     model_type, _, folder, converted, state = sd
-    if model_type == "sd2" and fmt != "fp16.safetensors":
-        pytest.skip("SD2 differs from SD1 only in keys, not in storage formats")
     kind, ext = fmt.split(".")
     path = tmp_path / f"model.{ext}"
     if kind == "bf16":
@@ -85,11 +86,10 @@ def test_single_file_converts_like_the_diffusers_folder(sd, tmp_path, fmt, capsy
     assert manifest["model_type"] == model_type and manifest["prediction_type"] == "epsilon"
 
 
+@pytest.mark.parametrize("sd", ["sd1"], indirect=True)
 def test_text_encoder_output_matches_torch(sd, tmp_path):
     """Params equal to the folder conversion imply equal outputs; one end-to-end check anyway."""
     model_type, modules, folder, _, state = sd
-    if model_type == "sd2":
-        pytest.skip("one output check suffices")
     path = F.save_single_file(state, tmp_path / "m.safetensors")
     assert main([path, str(tmp_path / "out"), "--template", folder, "-q"]) == 0
     text, text_params = load_model(tmp_path / "out" / "text_encoder")
@@ -100,10 +100,9 @@ def test_text_encoder_output_matches_torch(sd, tmp_path):
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("sd", ["sd1"], indirect=True)  # EMA handling does not depend on the SD version
 def test_ema_copies(sd, tmp_path):
     model_type, modules, folder, converted, _ = sd
-    if model_type == "sd2":
-        pytest.skip("EMA handling does not depend on the SD version")
     state = F.ldm_single_file_state(modules, model_type, ema=True)
     path = F.save_single_file(state, tmp_path / "ema.safetensors")
     assert main([path, str(tmp_path / "plain"), "--template", folder, "-q"]) == 0
@@ -114,10 +113,9 @@ def test_ema_copies(sd, tmp_path):
         np.testing.assert_array_equal(got[key], want[key] * np.float32(0.5))
 
 
+@pytest.mark.parametrize("sd", ["sd1"], indirect=True)  # toy SD2 widths have no 64-wide heads to infer
 def test_configs_inferred_without_template(sd, tmp_path):
     model_type, _, folder, converted, state = sd
-    if model_type == "sd2":
-        pytest.skip("the toy SD2 widths have no 64-wide heads to infer")
     path = F.save_single_file(state, tmp_path / "m.safetensors")
     assert main([path, str(tmp_path / "out"), "-q"]) == 0
     _assert_same_params(tmp_path / "out", converted)
