@@ -26,15 +26,28 @@ torch = pytest.importorskip("torch")
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
-def sd(request, tmp_path_factory):
-    """(model type, torch modules, diffusers folder, converted folder, fp32 LDM state)."""
-    model_type = request.param
-    root = tmp_path_factory.mktemp(model_type)
-    modules = F.make_torch_pipeline(model_type)
-    folder = F.save_diffusers_folder(modules, root / "diffusers")
-    assert main([folder, str(root / "converted"), "-q"]) == 0
-    return model_type, modules, folder, root / "converted", F.ldm_single_file_state(modules, model_type)
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """model type -> (model type, torch modules, diffusers folder, converted folder, fp32 LDM state),
+    each built once per module."""
+    cache = {}
+
+    def get(model_type):
+        if model_type not in cache:
+            root = tmp_path_factory.mktemp(model_type)
+            modules = F.make_torch_pipeline(model_type)
+            folder = F.save_diffusers_folder(modules, root / "diffusers")
+            assert main([folder, str(root / "converted"), "-q"]) == 0
+            cache[model_type] = (model_type, modules, folder, root / "converted",
+                                 F.ldm_single_file_state(modules, model_type))
+        return cache[model_type]
+
+    return get
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def sd(request, pipelines):
+    return pipelines(request.param)
 
 
 def _flat(folder, name):
