@@ -77,6 +77,9 @@ def _progress_factory(quiet: bool):
 
 
 def _update_manifest(folder: str, **fields) -> None:
+    """Add `fields` to a converted pipeline's `pasd_jax.json` (a lone component folder has none)."""
+    if os.path.isfile(os.path.join(folder, weights.CONFIG_NAME)):
+        return
     path = os.path.join(folder, weights.MANIFEST_NAME)
     manifest = {}
     if os.path.isfile(path):
