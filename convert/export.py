@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from convert.mapping import _from_flax_layout, flatten_tree, torch_key
+from convert.mapping import from_flax_layout, flatten_tree, torch_key
 from convert.safetensors_writer import write_safetensors
 from pasd_jax.models import home, registry, weights
 
@@ -33,7 +33,7 @@ _LIBRARIES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers"
 
 def torch_state(params: Mapping) -> dict:
     """Flax tree -> torch-named state dict of (possibly strided) views; no copies."""
-    return {torch_key(path): _from_flax_layout(value, path[-1]) for path, value in flatten_tree(params).items()}
+    return {torch_key(path): from_flax_layout(value, path[-1]) for path, value in flatten_tree(params).items()}
 
 
 def torch_config(config: Mapping[str, Any]) -> dict:

@@ -90,8 +90,8 @@ def _to_flax_layout(array: np.ndarray, leaf: str, target_ndim: int) -> np.ndarra
     return array
 
 
-def _from_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
-    """Inverse of `_to_flax_layout` (used by export and tests)."""
+def from_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Inverse of `_to_flax_layout`: Flax kernel -> torch layout (a transposed view, no copy)."""
     if leaf == "kernel":
         if array.ndim == 4:
             return np.transpose(array, (3, 2, 0, 1))
@@ -187,7 +187,7 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     """
     state = {}
     for path, value in flatten_tree(params).items():
-        state[torch_key(path)] = np.ascontiguousarray(_from_flax_layout(np.asarray(value), path[-1]))
+        state[torch_key(path)] = np.ascontiguousarray(from_flax_layout(np.asarray(value), path[-1]))
     return state
 
 
