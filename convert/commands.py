@@ -145,15 +145,11 @@ def build_converted(src: str, dst: str, args: argparse.Namespace, *, overwrite: 
             report = single_file.convert_single_file(
                 src, out, template=args.template, prediction_type=args.prediction_type,
                 extract_ema=args.extract_ema, progress=_progress_factory(getattr(args, "quiet", False)),
-                edit_params=_lora_hook(loras) if loras else None)
+                edit_params=_lora_hook(loras) if loras else None, require_tokenizer=require_tokenizer)
             lines.append(report.describe())
             model_type, prediction = report.model_type, report.prediction_type
             if report.tokenizer is None:
-                note = ("no tokenizer: a single file does not contain one; pass --template DIR (a diffusers SD "
-                        "pipeline folder) or first store a base of the same SD version that has one")
-                if require_tokenizer:
-                    raise FileNotFoundError(note)
-                lines.append(f"note: {note}")
+                lines.append(f"note: {single_file.NO_TOKENIZER}")
         elif os.path.isdir(src):
             for flag, value in (("--template", args.template), ("--extract-ema", args.extract_ema)):
                 if value:

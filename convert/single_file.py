@@ -220,6 +220,9 @@ def fallback_tokenizer(model_type: str) -> str | None:
 
 
 # ---- conversion ----------------------------------------------------------------------------
+NO_TOKENIZER = ("no tokenizer: a single file does not contain one; pass --template DIR (a diffusers SD "
+                "pipeline folder) or first store a base of the same SD version that has one")
+
 @dataclasses.dataclass
 class SingleFileReport:
     """What `convert_single_file` found and wrote."""
@@ -265,7 +268,8 @@ def _component_plans(ckpt: CheckpointFile, model_type: str, configs: Mapping[str
 def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, template: str | None = None,
                         prediction_type: str | None = None, extract_ema: bool = False,
                         edit_params: Callable[[str, dict, dict], dict] | None = None,
-                        progress: Callable[[str, int], Any] | None = None) -> SingleFileReport:
+                        progress: Callable[[str, int], Any] | None = None,
+                        require_tokenizer: bool = False) -> SingleFileReport:
     """Convert an SD1.x/SD2.x single file into the new folder `out` (not atomic: callers stage).
 
     Args:
@@ -275,6 +279,7 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
       extract_ema: read the UNet from the file's EMA copy (`model_ema.*`).
       edit_params: `(component, params, config) -> params` hook run before saving (LoRA merges).
       progress: `(component, num_tensors)` -> object with `update()` and `close()` (a tqdm bar).
+      require_tokenizer: fail before converting anything when no tokenizer can be found.
 
     Raises:
       ldm.UnsupportedCheckpointError, ConversionError, torch_io.CheckpointReadError, ValueError.
@@ -298,6 +303,10 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
     if extract_ema and not use_ema:
         raise ValueError(f"--extract-ema: {ckpt.path} has no separate EMA weights (model_ema.*)")
     plans = _component_plans(ckpt, model_type, configs, use_ema)
+    tokenizer = os.path.join(template, "tokenizer") if template and os.path.isdir(os.path.join(template, "tokenizer")) \
+        else fallback_tokenizer(model_type)
+    if tokenizer is None and require_tokenizer:
+        raise FileNotFoundError(NO_TOKENIZER)
 
     out = os.fspath(out)
     os.makedirs(out)
@@ -309,6 +318,7 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
 
     num_params = {}
     for name, plan in plans.items():
+        abstract = abstract_params_for(configs[name])  # traced first: the bar then measures reading only
         bar = progress(name, len(plan)) if progress else None
 
         def on_load(key, array, bar=bar):
@@ -318,7 +328,7 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
 
         lazy = {new: ckpt.tensors[key].with_transform(transform, on_load) for new, (key, transform) in plan.items()}
         state = registry.prepare_state_dict(name, lazy)
-        params = torch_to_flax(state, abstract_params_for(configs[name]), what=f"{ckpt.path} ({name})")
+        params = torch_to_flax(state, abstract, what=f"{ckpt.path} ({name})")
         del lazy, state
         if bar is not None:
             bar.close()
@@ -331,8 +341,6 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
         warnings.warn(f"{ckpt.path}: {len(non_finite)} tensors contain NaN or Inf: {', '.join(non_finite[:10])}"
                       f"{' ...' if len(non_finite) > 10 else ''}", NonFiniteWeightsWarning, stacklevel=2)
 
-    tokenizer = os.path.join(template, "tokenizer") if template and os.path.isdir(os.path.join(template, "tokenizer")) \
-        else fallback_tokenizer(model_type)
     if tokenizer is not None:
         shutil.copytree(tokenizer, os.path.join(out, "tokenizer"))
     os.makedirs(os.path.join(out, "scheduler"))
