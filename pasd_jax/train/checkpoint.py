@@ -122,10 +122,13 @@ def load_initial_params(base: str, *, family: str, use_rrdb: bool, init_from: st
     return configs, params
 
 
-def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwrite: bool = True) -> str:
+def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwrite: bool = True,
+                     scheduler_overrides: dict | None = None) -> str:
     """Write `dst/{unet,controlnet}` (trained) + copies of the base's other parts; returns `dst`.
 
     `params` holds at least "unet" and "controlnet" (host numpy or jax arrays, full trees).
+    `scheduler_overrides` (e.g. v-prediction + zero terminal SNR of the colorization variant) are
+    written into the copied `scheduler/scheduler_config.json`, so sampling uses the trained schedule.
     """
     weights.check_destination(dst, overwrite)
     staged = weights.staging_dir(dst)
@@ -137,6 +140,13 @@ def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwr
             src = os.path.join(base, part)
             if os.path.isdir(src):
                 shutil.copytree(src, os.path.join(staged, part))
+        sched_file = os.path.join(staged, "scheduler", "scheduler_config.json")
+        if scheduler_overrides and os.path.isfile(sched_file):
+            with open(sched_file) as f:
+                sched = json.load(f)
+            sched.update(scheduler_overrides)
+            with open(sched_file, "w") as f:
+                json.dump(sched, f, indent=2)
         manifest_src = os.path.join(base, weights.MANIFEST_NAME)
         manifest = {}
         if os.path.isfile(manifest_src):

@@ -10,6 +10,7 @@ resumed run repeats the uninterrupted run's losses exactly. The final weights ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -33,6 +34,9 @@ from pasd_jax.train.step import Models, StepOptions, train_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Jitted train steps by model/settings key: a second `train()` in one process (a resumed run in
+# tests, a notebook) skips re-tracing, which costs tens of seconds even for the tiny model.
+_STEP_CACHE: dict[str, object] = {}
 
 
 def resolve_base(config, workdir: str) -> str:
@@ -58,14 +62,25 @@ def build_models(configs: dict, config) -> Models:
         text_encoder=registry.build_module(configs["text_encoder"], dtype=compute))
 
 
-def build_schedule(base: str, config) -> NoiseSchedule:
-    """The base's scheduler, with the variant's prediction type / zero-terminal-SNR overrides."""
+def schedule_overrides(config) -> dict:
+    """The variant's scheduler changes (prediction type, zero terminal SNR) as config.json keys."""
     overrides = {}
     if config.model.prediction_type:
         overrides["prediction_type"] = config.model.prediction_type
     if config.model.zero_terminal_snr:
         overrides["rescale_betas_zero_snr"] = True
-    return NoiseSchedule.load(os.path.join(base, "scheduler"), **overrides)
+    return overrides
+
+
+def base_scheduler_json(base: str) -> str:
+    """The base's scheduler config file content (part of the compiled-step cache key)."""
+    path = os.path.join(base, "scheduler", "scheduler_config.json")
+    return open(path).read() if os.path.isfile(path) else ""
+
+
+def build_schedule(base: str, config) -> NoiseSchedule:
+    """The base's scheduler with `schedule_overrides(config)` applied."""
+    return NoiseSchedule.load(os.path.join(base, "scheduler"), **schedule_overrides(config))
 
 
 class _Stop:
@@ -152,11 +167,16 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                        colorfulness_weight=config.train.colorfulness_weight,
                        latent_scale=float(models.vae.scaling_factor), remat_policy=config.train.remat_policy)
     batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, models=models, schedule=schedule, tx=tx, lr_fn=lr_fn, opts=opts,
-                          grad_accum=config.optim.grad_accum),
-        in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0)
+    step_key = json.dumps([configs, config.optim.to_dict(), config.model.to_dict(), config.dtype.to_dict(),
+                           config.mesh.to_dict(), list(config.train.trainable), dataclasses.asdict(opts),
+                           base_scheduler_json(base), [d.id for d in mesh.devices.flat]], sort_keys=True, default=str)
+    if step_key not in _STEP_CACHE:  # same model and settings in this process: reuse the traced step
+        _STEP_CACHE[step_key] = jax.jit(
+            functools.partial(train_step, models=models, schedule=schedule, tx=tx, lr_fn=lr_fn, opts=opts,
+                              grad_accum=config.optim.grad_accum),
+            in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+            donate_argnums=0)
+    step_fn = _STEP_CACHE[step_key]
 
     val = None
     if config.train.validate_every > 0:
@@ -214,7 +234,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         full = jax.tree_util.tree_map(_to_host, merge(state.params, frozen))
         export = os.path.join(workdir, "export")
         if jax.process_index() == 0:
-            checkpoint.export_converted(export, base, configs, full)
+            checkpoint.export_converted(export, base, configs, full,
+                                        scheduler_overrides=schedule_overrides(config))
     return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen}
 
 

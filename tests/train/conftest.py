@@ -1,9 +1,14 @@
-"""Fixtures for the training tests: generated images, the tiny config, a shared compilation cache.
+"""Fixtures for the training tests: generated images, a micro model, the tiny config, a compile cache.
+
+The *micro* model is the built-in tiny smoke model cut to two UNet/VAE levels and one CLIP layer
+(built here from `pasd_jax.models.tiny`'s pieces): its train step compiles ~3× faster on a CPU,
+which keeps the end-to-end tests within the suite's time budget.
 
 The persistent compilation cache (a session temp folder, also handed to subprocesses through
 JAX_COMPILATION_CACHE_DIR) lets every `train()` call with the same shapes reuse one compiled step.
 """
 
+import json
 import os
 
 import jax
@@ -46,12 +51,52 @@ def image_folder(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("images"), 6)
 
 
-def tiny_config(image_folder: str, **overrides):
-    """`configs/realisr.py:tiny` on `image_folder`, global batch 8 (divisible by a 2×4 mesh)."""
+def micro_configs(family: str = "pasd") -> dict:
+    """Tiny configs with a 2-level UNet (32, 32), 2× VAE, 2-level DR net and a 1-layer CLIP."""
+    from pasd_jax.models import tiny
+    from pasd_jax.models.controlnet import controlnet_config_from_unet
+
+    c = tiny.tiny_configs(family)
+    c["unet"].update(down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 32])
+    c["controlnet"] = controlnet_config_from_unet(c["unet"], conditioning_embedding_out_channels=[8, 16])
+    c["vae"].update(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                    block_out_channels=[16, 16])
+    c["text_encoder"].update(num_hidden_layers=1)
+    return c
+
+
+def write_micro_pipeline(dst: str, family: str = "pasd", seed: int = 0) -> str:
+    """A converted pipeline folder (like `make_tiny_pipeline`) of the micro model."""
+    from pasd_jax.models import tiny, weights
+    from pasd_jax.models.controlnet import controlnet_params_from_unet
+
+    configs = micro_configs(family)
+    params = {n: tiny.init_params(cfg, seed + i) for i, (n, cfg) in enumerate(configs.items())}
+    params["controlnet"] = controlnet_params_from_unet(params["unet"], params["controlnet"])
+    for name, cfg in configs.items():
+        weights.save_converted(os.path.join(dst, name), cfg, params[name], component=name)
+    tiny.write_tiny_tokenizer(os.path.join(dst, "tokenizer"))
+    os.makedirs(os.path.join(dst, "scheduler"))
+    with open(os.path.join(dst, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(tiny.SD15_SCHEDULER, f)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory):
+    return write_micro_pipeline(str(tmp_path_factory.mktemp("micro") / "base"))
+
+
+def tiny_config(image_folder: str, base: str = "tiny", **overrides):
+    """`configs/realisr.py:tiny` on `image_folder` (32 px crops, global batch 8 so a 2×4 mesh divides
+    it), on `base` (a converted folder, e.g. the micro model)."""
     from configs import realisr
 
     config = realisr.get_config("tiny")
     with config.unlocked():
+        config.base = base
+        config.data.resolution = 32
         config.data.paths = (image_folder,)
         config.data.global_batch = 8
         config.train.log_every = 1

@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pasd_jax.models import weights
 from pasd_jax.train.loop import train
@@ -23,10 +24,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def reference_run(image_folder, tmp_path_factory):
-    """30 uninterrupted steps; returns (workdir, train() result, {step: metrics row})."""
+def reference_run(image_folder, micro_base, tmp_path_factory):
+    """30 uninterrupted steps (validation at the end); returns (workdir, train() result, {step: row})."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    config = tiny_config(image_folder, **{"train.total_steps": 30, "train.ckpt_every": 30})
+    config = tiny_config(image_folder, micro_base, **{"train.total_steps": 30, "train.ckpt_every": 30,
+                                                       "train.validate_every": 30, "train.val_steps": 2})
     result = train(config, workdir)
     return workdir, result, read_metrics(workdir)
 
@@ -38,14 +40,16 @@ def test_loss_decreases_and_logs(reference_run):
     assert np.all(np.isfinite(losses))
     assert losses[-10:].mean() < 0.9 * losses[:10].mean(), losses
     last = rows[30]
-    for key in ("mse", "dr_l1", "dr_l1_0", "dr_l1_2", "lr", "grad_norm", "step_time_s", "images_per_s"):
+    for key in ("mse", "dr_l1", "dr_l1_0", "lr", "grad_norm", "step_time_s", "images_per_s"):
         assert key in last
     assert last["lr"] == pytest.approx(1e-3)
+    grid = np.asarray(Image.open(os.path.join(workdir, "val", "step_0000030.png")))
+    assert grid.shape == (2 * 32, 3 * 32, 3)  # two validation rows of LQ | SR | HQ
 
 
-def test_frozen_bit_identical_trainable_moved(reference_run, image_folder):
+def test_frozen_bit_identical_trainable_moved(reference_run, image_folder, micro_base):
     workdir, result, _ = reference_run
-    export, base = result["export"], os.path.join(workdir, "tiny_base")
+    export, base = result["export"], micro_base
     patterns = tiny_config(image_folder).train.trainable
     moved = 0
     for part in ("unet", "controlnet"):
@@ -66,11 +70,17 @@ def test_frozen_bit_identical_trainable_moved(reference_run, image_folder):
         for key, value in weights.flatten_params(before).items():
             np.testing.assert_array_equal(value, weights.flatten_params(after)[key])
     assert os.path.isdir(os.path.join(export, "tokenizer")) and os.path.isdir(os.path.join(export, "scheduler"))
+    try:  # the sampler's loader (developed alongside) reads the export as a PASD checkpoint
+        from pasd_jax.sampling.loader import load_models
+    except ImportError:
+        return
+    loaded = load_models(export)
+    assert loaded.family == "pasd"
 
 
-def test_kill_and_resume_reproduces_losses(reference_run, image_folder, tmp_path):
+def test_kill_and_resume_reproduces_losses(reference_run, image_folder, micro_base, tmp_path):
     _, _, ref = reference_run
-    config = tiny_config(image_folder, **{"train.total_steps": 8, "train.ckpt_every": 4})
+    config = tiny_config(image_folder, micro_base, **{"train.total_steps": 8, "train.ckpt_every": 4})
     first = train(config, str(tmp_path), stop_after=6)  # "killed" after step 6; last checkpoint: 4
     assert first["step"] == 6 and first["export"] is None
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
@@ -92,7 +102,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     from pasd_jax.train.loop import train
     from pasd_jax.train.metrics import read_metrics
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_config({images!r}, **{{"train.total_steps": 3, "train.ckpt_every": 3,
+    config = tiny_config({images!r}, {base!r}, **{{"train.total_steps": 3, "train.ckpt_every": 3,
                                         "mesh.data": 2, "mesh.fsdp": 4}})
     result = train(config, {workdir!r})
     leaves = jax.tree_util.tree_leaves(result["state"].params) + jax.tree_util.tree_leaves(result["frozen"])
@@ -104,14 +114,14 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mesh_2x4_matches_single_device(reference_run, image_folder, tmp_path):
+def test_mesh_2x4_matches_single_device(reference_run, image_folder, micro_base, tmp_path):
     _, _, ref = reference_run
     from jax import config as jax_config
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jax_config.jax_compilation_cache_dir or "",
                JAX_DEFAULT_MATMUL_PRECISION="highest")
-    script = _MESH_SCRIPT.format(repo=REPO, images=image_folder, workdir=str(tmp_path / "mesh"))
+    script = _MESH_SCRIPT.format(repo=REPO, images=image_folder, base=micro_base, workdir=str(tmp_path / "mesh"))
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
