@@ -29,13 +29,13 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from convert.core import read_config
 from convert.mapping import ConversionError, torch_to_flax
+from convert.torch_io import load_component_weights
 from pasd_jax.models import controlnet as controlnet_lib
+from pasd_jax.models import registry
 from pasd_jax.models import unet as unet_lib
 from pasd_jax.models.configs import UnsupportedConfigError
-
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
 
 class GoldenError(RuntimeError):
     """The golden directory is incomplete or inconsistent (message says what is wrong)."""
@@ -43,43 +43,25 @@ class GoldenError(RuntimeError):
 
 # ---- loading ------------------------------------------------------------------------------
 def _load_component(folder: str) -> tuple[dict, dict]:
-    """diffusers component folder -> (config dict, torch state dict as numpy arrays)."""
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise GoldenError(f"missing {cfg_path}")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    for name in WEIGHT_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            break
-    else:
-        raise GoldenError(f"no weights in {folder} (expected one of {', '.join(WEIGHT_FILES)})")
-    if path.endswith(".safetensors"):
-        return config, load_file(path)
+    """diffusers component folder -> (config dict, state dict as numpy arrays), read by the
+    converter's torch-free reader (safetensors or a weights-only `.bin`)."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise GoldenError(f"missing {os.path.join(folder, 'config.json')}")
     try:
-        import torch
-    except ImportError as err:  # pragma: no cover - torch is a test extra
-        raise GoldenError(f"{path} is a torch pickle; install torch to read it") from err
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return config, {k: v.detach().float().numpy() for k, v in state.items()}
+        return read_config(folder), load_component_weights(folder)
+    except FileNotFoundError as err:
+        raise GoldenError(str(err)) from None
 
 
 def detect_unet_family(keys) -> str:
-    """UNet code family from checkpoint keys: PACA `pixel_attentions` -> "pasd",
-    `attn2_plus`/`proj_in_plus` -> "pasd_light"; a stock UNet cannot drive PASD and is refused."""
+    """`registry.detect_unet_family`, refusing a stock UNet (it cannot drive PASD)."""
     keys = list(keys)
-    if any(".pixel_attentions." in k or k.startswith("pixel_attentions.") for k in keys):
-        return "pasd"
-    if any(".attn2_plus." in k or ".proj_in_plus." in k for k in keys):
-        return "pasd_light"
-    sample = ", ".join(sorted(keys)[:8])
-    raise GoldenError(f"UNet checkpoint has neither `pixel_attentions` (pasd) nor `attn2_plus`/`proj_in_plus` "
-                      f"(pasd_light) keys; {len(keys)} keys, e.g. {sample}")
-
-
-def _abstract_params(module) -> dict:
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), **module.init_inputs()))["params"]
+    family = registry.detect_unet_family(keys)
+    if family == "stock":
+        sample = ", ".join(sorted(keys)[:8])
+        raise GoldenError(f"UNet checkpoint has neither `pixel_attentions` (pasd) nor `attn2_plus`/`proj_in_plus` "
+                          f"(pasd_light) keys; {len(keys)} keys, e.g. {sample}")
+    return family
 
 
 def load_unet(folder: str, expected_family: Optional[str] = None):
@@ -90,7 +72,7 @@ def load_unet(folder: str, expected_family: Optional[str] = None):
         print(f"  warning: manifest says family {expected_family!r}, the {folder} keys say {family!r}; "
               f"using {family!r}", file=sys.stderr)
     module = unet_lib.from_config(config, family=family)
-    params = torch_to_flax(state, _abstract_params(module), what=folder)
+    params = torch_to_flax(state, registry.abstract_params(module), what=folder)
     return module, jax.device_put(params)
 
 
@@ -98,7 +80,7 @@ def load_controlnet(folder: str):
     """-> (ControlNet module, params)."""
     config, state = _load_component(folder)
     module = controlnet_lib.from_config(config)
-    params = torch_to_flax(state, _abstract_params(module), what=folder)
+    params = torch_to_flax(state, registry.abstract_params(module), what=folder)
     return module, jax.device_put(params)
 
 
