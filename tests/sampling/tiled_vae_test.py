@@ -72,7 +72,7 @@ def test_layout_covers_with_equal_windows(h, w, tile, pad, m):
             assert all(v % m == 0 for v in (cy0, cy1, cx0, cx1, py0, py1, px0, px1))
     assert (cover == 1).all(), "cores must partition the image"
     assert len(sizes) == 1, f"padded windows differ in size: {sizes}"
-    one_tile = not tv._needs_tiling(h, w, tile, pad)
+    one_tile = not tv.needs_tiled_encode(h, w, tile, pad)
     assert (len(tiles) == 1) == one_tile
 
 
