@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.models import registry, tiny
 from pasd_jax.models import unet as unet_lib
 
 SD15_UNET = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/sd15/unet/config.json"
@@ -54,7 +55,8 @@ def bench_flax(config: dict, family: str, batch: int, size: int, repeats: int, d
     if family != "stock":
         residuals = ([jnp.zeros((batch, h, w, c), jnp.float32) for (h, w), c in zip(sizes, chans)],
                      jnp.zeros((batch,) + sizes[-1] + (chans[-1],), jnp.float32))
-    params = jax.jit(lambda: model.init(jax.random.key(0), **inputs)["params"])()
+    cfg = dict(config, **{registry.FAMILY_KEY: family})
+    params = jax.device_put(tiny.init_params(cfg, seed=0))  # numpy init: no XLA compile of init
     n_params = sum(x.size for x in jax.tree.leaves(params))
     timestep = jnp.full((batch,), 500, jnp.int32)
     forward = jax.jit(lambda p, x, t, c, r: model.apply({"params": p}, x, t, c, *r))
@@ -75,14 +77,21 @@ def bench_torch(config: dict, batch: int, size: int, repeats: int) -> float | No
     except ImportError:
         print("torch  (not installed: pip install -e '.[test]')")
         return None
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = UNet2DConditionModel.from_config(config).eval()
-    sample = torch.randn(batch, 4, size, size)
-    context = torch.randn(batch, 77, config["cross_attention_dim"])
-    timestep = torch.full((batch,), 500)
+    model = UNet2DConditionModel.from_config(config).eval().to(dev)
+    sample = torch.randn(batch, 4, size, size, device=dev)
+    context = torch.randn(batch, 77, config["cross_attention_dim"], device=dev)
+    timestep = torch.full((batch,), 500, device=dev)
+
+    def run():
+        model(sample, timestep, context)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
-        first, steady = _timed(lambda: model(sample, timestep, context), repeats)
-    print(f"torch stock      threads={torch.get_num_threads()}  first={first:.2f}s  steady={steady:.3f}s/forward")
+        first, steady = _timed(run, repeats)
+    print(f"torch stock      {dev} threads={torch.get_num_threads()}  first={first:.2f}s  steady={steady:.3f}s/forward")
     return steady
 
 
