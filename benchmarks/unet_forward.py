@@ -46,7 +46,6 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 
 def bench_flax(config: dict, family: str, batch: int, size: int, repeats: int, dtype) -> float:
     model = unet_lib.from_config(config, family=family, dtype=dtype)
-    inputs = model.init_inputs(batch)
     sizes, chans = model.skip_sizes(size, size), model.skip_channels()
     rng = np.random.default_rng(0)
     sample = jnp.asarray(rng.standard_normal((batch, size, size, 4)), jnp.float32)
