@@ -116,9 +116,20 @@ def load_initial_params(base: str, *, family: str, use_rrdb: bool, init_from: st
         params["controlnet"] = controlnet_params_from_unet(params["unet"],
                                                            init_params(configs["controlnet"], seed + 1))
     if init_from:
-        for part in ("unet", "controlnet"):
-            cfg, p = weights.load_converted(os.path.join(init_from, part))
-            configs[part], params[part] = cfg, p
+        cn_cfg, cn_params = weights.load_converted(os.path.join(init_from, "controlnet"))
+        configs["controlnet"], params["controlnet"] = cn_cfg, cn_params
+        pasd_cfg, pasd_unet = weights.load_converted(os.path.join(init_from, "unet"))
+        got_family = pasd_cfg.get(registry.FAMILY_KEY, family)
+        if got_family != family:
+            raise ValueError(f"{init_from}/unet is a {got_family} UNet but model.family={family!r}")
+        # Every leaf the checkpoint has wins (PACA / `_plus` and, if stored, the trunk); anything it
+        # lacks stays from the base, as `pasd_jax.models.home.merge_base_unet` does for sampling.
+        current, stored = weights.flatten_params(params["unet"]), weights.flatten_params(pasd_unet)
+        extra = sorted(set(stored) - set(current))
+        if extra:
+            raise ValueError(f"{init_from}/unet has parameters the {family} UNet lacks (e.g. {extra[:3]})")
+        current.update(stored)
+        params["unet"] = weights.unflatten_params(current)
     return configs, params
 
 

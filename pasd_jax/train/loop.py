@@ -84,17 +84,23 @@ def build_schedule(base: str, config) -> NoiseSchedule:
 
 
 class _Stop:
-    """Remembers a SIGTERM so the loop can checkpoint and exit cleanly."""
+    """Remembers a SIGTERM so the loop can checkpoint and exit cleanly (single process).
 
-    def __init__(self):
+    Multi-host jobs must not install it: `jax.distributed` runs a preemption service that catches
+    SIGTERM and lets every host agree on the step (`CheckpointManager.reached_preemption`).
+    """
+
+    def __init__(self, install: bool = True):
         self.requested = False
+        self._install = install
         self._old = None
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        if self._install:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
         return self
 
     def _handle(self, signum, frame):
@@ -192,7 +198,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     step = int(jax.device_get(state.step))
     total = config.train.total_steps
     pending, last, t0, steps_since = [], {}, time.perf_counter(), 0
-    with _Stop() as stop:
+    multi_host = jax.process_count() > 1
+    with _Stop(install=not multi_host) as stop:
         while step < total:
             batch = sharding.global_batch(next(data_iter), mesh)
             with jax.transfer_guard("disallow" if config.train.transfer_guard else "allow"):
@@ -214,8 +221,9 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     raise FloatingPointError(f"non-finite loss {last['loss']} at step {step} "
                                              f"(the step guard kept the parameters of step {step - 1})")
                 pending, t0, steps_since = [], time.perf_counter(), 0
-            stopping = stop.requested or (stop_after is not None and step >= stop_after)
-            if step % config.train.ckpt_every == 0 or step == total or stop.requested:
+            preempted = stop.requested or (multi_host and ckpt.manager.reached_preemption(step))
+            stopping = preempted or (stop_after is not None and step >= stop_after)
+            if step % config.train.ckpt_every == 0 or step == total or preempted:
                 ckpt.save(step, state, data_iter.get_state(), config_json, force=True)
             if val is not None and (step % config.train.validate_every == 0 or step == total):
                 val_batch, val_in, val_fn = val

@@ -109,3 +109,30 @@ def test_sigterm_is_remembered_not_fatal():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_initial_params_from_base_and_pasd_checkpoint(micro_base, tmp_path):
+    import os
+
+    from pasd_jax.models import weights
+    from pasd_jax.train.checkpoint import load_initial_params
+
+    configs, params = load_initial_params(micro_base, family="pasd", use_rrdb=False)
+    _, base_unet = weights.load_converted(os.path.join(micro_base, "unet"))
+    np.testing.assert_array_equal(params["unet"]["conv_in"]["kernel"], base_unet["conv_in"]["kernel"])
+    # A "PASD checkpoint" holding only PACA weights (+ a ControlNet): those win, the rest stays base.
+    paca = {k: v for k, v in weights.flatten_params(params["unet"]).items() if "pixel_attentions" in k}
+    assert paca
+    paca = {k: v + 1.0 for k, v in paca.items()}
+    ckpt = tmp_path / "pasd_ckpt"
+    weights.save_converted(ckpt / "unet", dict(configs["unet"]), weights.unflatten_params(paca), component="unet")
+    cn = jax.tree.map(lambda x: x * 0 + 0.5, params["controlnet"])
+    weights.save_converted(ckpt / "controlnet", configs["controlnet"], cn, component="controlnet")
+    _, tuned = load_initial_params(micro_base, family="pasd", use_rrdb=False, init_from=str(ckpt))
+    flat = weights.flatten_params(tuned["unet"])
+    for k, v in paca.items():
+        np.testing.assert_array_equal(flat[k], v)
+    np.testing.assert_array_equal(tuned["unet"]["conv_in"]["kernel"], base_unet["conv_in"]["kernel"])
+    assert float(tuned["controlnet"]["conv_in"]["bias"][0]) == 0.5
+    with pytest.raises(ValueError, match="pasd_light"):
+        load_initial_params(micro_base, family="pasd_light", use_rrdb=False, init_from=str(ckpt))
