@@ -170,10 +170,12 @@ def test_multi_tile_close_to_untiled(vae, untiled):
     outs = _decode(module.clone(norm_over_batch=True), params, windows)
     canvas = np.full(image.shape[1:], np.nan, np.float32)
     for k, ((cy0, cy1, cx0, cx1), (py0, _, px0, _)) in enumerate(layout):
-        canvas[8 * cy0:8 * cy1, 8 * cx0:8 * cx1] = outs[k, 8 * (cy0 - py0):8 * (cy1 - py0), 8 * (cx0 - px0):8 * (cx1 - px0)]
+        oy, ox = 8 * (cy0 - py0), 8 * (cx0 - px0)
+        canvas[8 * cy0:8 * cy1, 8 * cx0:8 * cx1] = outs[k, oy:oy + 8 * (cy1 - cy0), ox:ox + 8 * (cx1 - cx0)]
     np.testing.assert_allclose(t_image[0], canvas, atol=1e-5 * float(jnp.abs(canvas).max()))
 
-    errs = {"mean": _rel_err(t_mean, mean), "logvar": _rel_err(t_logvar, logvar), "decode": _rel_err(t_image, image)}
+    errs = {"mean": _rel_err(t_mean, mean), "logvar": _rel_err(t_logvar, logvar),
+            "decode": _rel_err(t_image, image)}
     print("multi-tile vs untiled (max|Δ|/max|ref|, mean|Δ|/mean|ref|): "
           + ", ".join(f"{k} {a:.3f} {b:.3f}" for k, (a, b) in errs.items()))
     # Tiling is not the identity: per-tile attention, averaged variances and `pad` pixels of context,
@@ -192,7 +194,8 @@ class _FixedAffine(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        return 0.3 * x * self.param("scale", nn.initializers.ones, (c,)) + self.param("bias", nn.initializers.zeros, (c,))
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        return 0.3 * x * scale + self.param("bias", nn.initializers.zeros, (c,))
 
 
 def test_tiling_is_exact_without_statistics_when_pad_covers_receptive_field(monkeypatch):
