@@ -175,7 +175,8 @@ def tiled_encode(vae_module: nn.Module, vae_params, x: jnp.ndarray, *, tile: int
 
     `vae_params` is the VAE's `params` tree (as for `apply({"params": ...})`). `tile`/`pad` are in
     image pixels and must be multiples of f. One tile (max(H, W) ≤ tile + 2·pad) gives the
-    untiled result; callers decide with `needs_tiled_encode` whether to call this at all.
+    untiled result when H and W are multiples of f (otherwise the < f trailing pixels are cropped,
+    module docstring); callers decide with `needs_tiled_encode` whether to call this at all.
     """
     f = vae_module.downscale
     hc, wc = (x.shape[1] // f) * f, (x.shape[2] // f) * f
