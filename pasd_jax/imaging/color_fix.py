@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 #: Dilations of the five wavelet levels (2**i, i = 0..4).
 WAVELET_RADII = (1, 2, 4, 8, 16)
-_KERNEL_3X3 = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], np.float32) / 16.0
 
 
 def _as_nhwc(x: jnp.ndarray) -> tuple[jnp.ndarray, bool]:
@@ -45,16 +43,17 @@ def _check_pair(sr_shape: tuple, lq_shape: tuple) -> None:
 def wavelet_blur(x: jnp.ndarray, radius: int) -> jnp.ndarray:
     """Replicate-pad by `radius`, then depthwise 3×3 binomial blur with dilation `radius`.
 
-    Mirrors `wavelet_blur` (`F.pad(mode="replicate")` + `F.conv2d(groups=C, dilation=r)`).
+    Mirrors `wavelet_blur` (`F.pad(mode="replicate")` + `F.conv2d(groups=C, dilation=r)`). The
+    kernel is the outer product of [1, 2, 1]/4 with itself, so it runs as two passes of shifted
+    adds: same result to float rounding, and far faster than XLA's dilated depthwise convolution
+    on CPU (minutes → a second for a 4096² image).
     x: float32 [B, H, W, C] → same shape. Works for any H, W (edge padding may exceed the size).
     """
-    c = x.shape[-1]
-    xp = jnp.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
-    kernel = jnp.broadcast_to(jnp.asarray(_KERNEL_3X3)[:, :, None, None], (3, 3, 1, c))  # HWIO, groups=C
-    return jax.lax.conv_general_dilated(
-        xp, kernel, window_strides=(1, 1), padding="VALID", rhs_dilation=(radius, radius),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
-        precision=jax.lax.Precision.HIGHEST)
+    h, w = x.shape[1:3]
+    r = radius
+    xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    rows = (xp[:, :h] + 2 * xp[:, r:r + h] + xp[:, 2 * r:2 * r + h]) * 0.25
+    return (rows[:, :, :w] + 2 * rows[:, :, r:r + w] + rows[:, :, 2 * r:2 * r + w]) * 0.25
 
 
 def wavelet_decomposition(x: jnp.ndarray, levels: int = 5) -> tuple[jnp.ndarray, jnp.ndarray]:

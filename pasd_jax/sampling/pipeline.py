@@ -35,6 +35,9 @@ COLOR_FIXES = ("wavelet", "adain", "none")
 MODES = ("realisr", "colorize")
 
 
+_COLOR_FIXES = {"wavelet": jax.jit(color_fix.wavelet_color_fix), "adain": jax.jit(color_fix.adain_color_fix)}
+
+
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
     """User-facing settings; defaults are the released-model recipe (§7.1) with DDIM."""
@@ -135,10 +138,8 @@ class Restorer:
                              conditioning_scale=o.conditioning_scale, added_noise_level=o.added_noise_level)
         sr = self.sampler(inputs)["image"][0]
         rounding = "round"
-        if o.mode == "realisr" and o.color_fix == "wavelet":
-            sr, rounding = color_fix.wavelet_color_fix(sr, lq), "truncate"  # §7.7, §9.13
-        elif o.mode == "realisr" and o.color_fix == "adain":
-            sr, rounding = color_fix.adain_color_fix(sr, lq), "truncate"
+        if o.mode == "realisr" and o.color_fix != "none":
+            sr, rounding = _COLOR_FIXES[o.color_fix](sr, lq_b[0]), "truncate"  # §7.7, §9.13
         sr = np.asarray(jax.device_get(sr))
         if o.mode == "colorize":
             out = preprocess.merge_chroma(preprocess.float_to_uint8(sr), preprocess.to_gray(rgb))
