@@ -46,6 +46,8 @@ class ImageFolderSource(grain.sources.RandomAccessDataSource):
     def __init__(self, folders: Sequence[str], caption_ext: str = ".txt"):
         if isinstance(folders, (str, os.PathLike)):
             folders = [folders]
+        if not folders:
+            raise ValueError("no training image folders: set --config.data.paths='(\"DIR\",)'")
         self._records = []
         for folder in folders:
             if not os.path.isdir(folder):

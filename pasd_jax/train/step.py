@@ -111,7 +111,7 @@ def train_step(state: TrainState, frozen, batch: dict, *, models: Models, schedu
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, models=models, schedule=schedule, opts=opts),
                                  has_aux=True)
     (loss, aux), grads = grad_fn(state.params, frozen, batch, key)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

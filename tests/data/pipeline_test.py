@@ -108,6 +108,8 @@ def test_all_bad_data_raises_instead_of_hanging(tmp_path, tokenizer_dir):
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         pipeline.ImageFolderSource([str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="data.paths"):
+        pipeline.ImageFolderSource([])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         pipeline.ImageFolderSource([str(tmp_path / "empty")])
