@@ -16,16 +16,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-jax.config.update("jax_disable_most_optimizations", True)
+_FLAGS = ("jax_disable_most_optimizations", "jax_compilation_cache_dir",
+          "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def compilation_cache(tmp_path_factory):
+    """Fast-compile flags and a persistent cache for tests/train only (restored afterwards, so the
+    rest of a full-suite run keeps its own settings)."""
+    old = {name: jax.config.values[name] for name in _FLAGS}
     path = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_disable_most_optimizations", True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+    yield path
+    for name, value in old.items():
+        jax.config.update(name, value)
+    try:  # forget the initialised cache object too (private API; harmless if it moves)
+        from jax._src import compilation_cache as _cc
+
+        _cc.reset_cache()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def write_images(folder, count: int, size=(72, 88), seed: int = 0, captions: bool = True) -> str:

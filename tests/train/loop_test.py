@@ -114,12 +114,10 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mesh_2x4_matches_single_device(reference_run, image_folder, micro_base, tmp_path):
+def test_mesh_2x4_matches_single_device(reference_run, image_folder, micro_base, compilation_cache, tmp_path):
     _, _, ref = reference_run
-    from jax import config as jax_config
-
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=jax_config.jax_compilation_cache_dir or "",
+               JAX_COMPILATION_CACHE_DIR=compilation_cache,
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     script = _MESH_SCRIPT.format(repo=REPO, images=image_folder, base=micro_base, workdir=str(tmp_path / "mesh"))
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
