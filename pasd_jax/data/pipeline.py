@@ -145,7 +145,13 @@ def _decode(record: Mapping[str, Any]) -> tuple[np.ndarray, str]:
 
 
 def random_crop(rgb: np.ndarray, res: int, rng: np.random.Generator, min_side: int) -> np.ndarray:
-    """PASD's enlarge-if-small (bicubic, ×(res/short + 0.02)) + RandomCrop(res) + horizontal flip p=0.5."""
+    """PASD's enlarge-if-small (bicubic, ×(res/short + 0.02)) + RandomCrop(res) + horizontal flip p=0.5.
+
+    The reference flips twice (RandomHorizontalFlip, then again before degrading); two independent
+    p = 0.5 flips are one p = 0.5 flip in distribution, so we flip once. The HQ target and the LQ
+    condition always come from the same (flipped) crop, as in the `Text2ImageDataset` path PASD
+    trains with — not `WebImageDataset`'s mismatched pair (PASD_REFERENCE §9.15).
+    """
     h, w = rgb.shape[:2]
     if min(h, w) < min_side:
         raise BadRecordError(f"image {w}×{h} is smaller than data.min_side={min_side}")

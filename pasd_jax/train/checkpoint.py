@@ -10,7 +10,9 @@
   (diffusers `ControlNetModel.from_unet`, PASD_REFERENCE §8).
 * `export_converted`: the trained result as a converted pipeline folder `sample.py` loads:
   `unet/` and `controlnet/` written with `save_converted`, `vae/`, `text_encoder/`, `tokenizer/`,
-  `scheduler/` copied from the base. The converter turns it into PyTorch.
+  `scheduler/` copied from the base. The converter turns it into PyTorch. (The reference's final
+  `save_pretrained` writes ControlNet and UNet into one folder where they overwrite each other,
+  PASD_REFERENCE §9.10; here each component has its own folder.)
 """
 
 from __future__ import annotations
