@@ -178,10 +178,8 @@ def convert_pipeline(src_folder: str | os.PathLike, dst_folder: str | os.PathLik
         raise FileNotFoundError(f"{src} has no config.json and none of the component subfolders "
                                 f"{', '.join(registry.COMPONENTS)}; expected a diffusers or transformers "
                                 f"component folder, a diffusers pipeline, or a PASD checkpoint-N folder")
-    weights.check_destination(dst, overwrite)
-    staged = weights.staging_dir(dst)
     reports = []
-    try:
+    with weights.staged_folder(dst, overwrite=overwrite) as staged:
         for name in names:
             if on_component is not None:
                 on_component(name)
@@ -192,16 +190,10 @@ def convert_pipeline(src_folder: str | os.PathLike, dst_folder: str | os.PathLik
             shutil.copytree(os.path.join(src, name), os.path.join(staged, name))
         if os.path.isfile(os.path.join(src, "model_index.json")):
             shutil.copy2(os.path.join(src, "model_index.json"), os.path.join(staged, "model_index.json"))
-        manifest = {"format_version": weights.FORMAT_VERSION, "source": os.path.abspath(src),
-                    "components": {r.name: {"family": r.family, "num_params": r.num_params} for r in reports},
-                    "copied": copied}
-        with open(os.path.join(staged, weights.MANIFEST_NAME), "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-        weights.commit_dir(staged, dst, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        weights.write_manifest(staged, {
+            "format_version": weights.FORMAT_VERSION, "source": os.path.abspath(src),
+            "components": {r.name: {"family": r.family, "num_params": r.num_params} for r in reports},
+            "copied": copied})
     return reports
 
 

@@ -12,7 +12,7 @@ Layout (written by `python -m convert base SRC --name NAME`)::
     $PASD_JAX_HOME (default ~/.cache/pasd_jax)/
       bases/<name>/{unet,vae,text_encoder,tokenizer,scheduler}/, pasd_jax.json
 
-Pure numpy/json: no torch, no jax, no `convert` imports (the sampler imports this module).
+No torch and no `convert` imports (the sampler imports this module).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 HOME_ENV = "PASD_JAX_HOME"
 DEFAULT_HOME = "~/.cache/pasd_jax"
@@ -100,27 +101,6 @@ def resolve_base(name_or_path: str | os.PathLike) -> pathlib.Path:
 
 
 # ---- the UNet swap -------------------------------------------------------------------------
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = prefix + (str(key),)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
 def is_pasd_only(path: tuple[str, ...]) -> bool:
     """True for a UNet parameter path that stock SD has no counterpart for (PACA, `*_plus`)."""
     return any(part.startswith(PASD_ONLY_PARTS) for part in path)
@@ -149,7 +129,7 @@ def merge_base_unet(pasd_unet_params: Mapping, base_unet_params: Mapping, *, wha
       ValueError listing the base leaves PASD lacks, shape mismatches, and the stock (non-PACA)
       PASD leaves the base does not provide: the two UNets have different architectures.
     """
-    pasd, base = _flatten(pasd_unet_params), _flatten(base_unet_params)
+    pasd, base = flatten_dict(pasd_unet_params), flatten_dict(base_unet_params)
     extra = ["/".join(p) for p in base if p not in pasd]
     mismatched = [f"{'/'.join(p)}: base {tuple(np.shape(v))}, PASD {tuple(np.shape(pasd[p]))}"
                   for p, v in base.items() if p in pasd and tuple(np.shape(v)) != tuple(np.shape(pasd[p]))]
@@ -170,4 +150,4 @@ def merge_base_unet(pasd_unet_params: Mapping, base_unet_params: Mapping, *, wha
             merged[path] = np.asarray(base[path]).astype(np.asarray(value).dtype, copy=False)
         else:
             merged[path] = np.asarray(value)
-    return _unflatten(merged)
+    return unflatten_dict(merged)

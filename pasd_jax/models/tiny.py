@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 
 from pasd_jax.models import registry, weights
-from pasd_jax.models.controlnet import controlnet_config_from_unet
+from pasd_jax.models.controlnet import controlnet_config_from_unet, controlnet_params_from_unet
 
 # Byte-level vocabulary: 256 bytes, each also with the end-of-word suffix, plus the two specials.
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -152,28 +151,20 @@ def make_tiny_pipeline(dst: str | os.PathLike, *, family: str = "pasd", use_rrdb
     ControlNet starts from the UNet trunk (`from_unet`), zero convs at zero, as PASD training does.
     Atomic: nothing appears at `dst` unless everything was written. Returns `dst`.
     """
-    from pasd_jax.models.controlnet import controlnet_params_from_unet
-
     dst = os.fspath(dst)
-    weights.check_destination(dst, overwrite)
+    weights.check_destination(dst, overwrite)  # fail before the work
     configs = tiny_configs(family, use_rrdb, levels)
     params = {name: init_params(cfg, seed + i) for i, (name, cfg) in enumerate(configs.items())}
     params["controlnet"] = controlnet_params_from_unet(params["unet"], params["controlnet"])
-    staged = weights.staging_dir(dst)
-    try:
+    with weights.staged_folder(dst, overwrite=overwrite) as staged:
         for name, cfg in configs.items():
             weights.save_converted(os.path.join(staged, name), cfg, params[name], component=name)
         write_tiny_tokenizer(os.path.join(staged, "tokenizer"))
         os.makedirs(os.path.join(staged, "scheduler"))
         with open(os.path.join(staged, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(SD15_SCHEDULER, f, indent=2)
-        manifest = {"format_version": weights.FORMAT_VERSION, "source": "pasd_jax.models.tiny (smoke model)",
-                    "components": {n: {"family": family if n == "unet" else None} for n in configs},
-                    "copied": ["tokenizer", "scheduler"], "smoke_model": True}
-        with open(os.path.join(staged, weights.MANIFEST_NAME), "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-        weights.commit_dir(staged, dst, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        weights.write_manifest(staged, {
+            "format_version": weights.FORMAT_VERSION, "source": "pasd_jax.models.tiny (smoke model)",
+            "components": {n: {"family": family if n == "unet" else None} for n in configs},
+            "copied": ["tokenizer", "scheduler"], "smoke_model": True})
     return dst

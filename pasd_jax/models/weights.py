@@ -15,6 +15,7 @@ the end, so an interrupted save leaves no `dst`, and `overwrite=True` swaps a wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -123,6 +124,27 @@ def commit_dir(staged: str, dst: str | os.PathLike, *, overwrite: bool = False) 
         os.rename(aside, dst)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(dst: str | os.PathLike, *, overwrite: bool = False):
+    """Context manager yielding a temporary folder beside `dst`: fill it, and on a clean exit it
+    replaces `dst` atomically (`commit_dir`); on any error it is deleted and `dst` is untouched."""
+    check_destination(dst, overwrite)
+    staged = staging_dir(dst)
+    try:
+        yield staged
+        commit_dir(staged, dst, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """Write `folder/pasd_jax.json`, the marker of a converted multi-component folder."""
+    with open(os.path.join(os.fspath(folder), MANIFEST_NAME), "w") as f:
+        json.dump(dict(manifest), f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def save_converted(dst: str | os.PathLike, config: Mapping[str, Any], params: Mapping, *,

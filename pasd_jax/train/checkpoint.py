@@ -143,9 +143,7 @@ def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwr
     `scheduler_overrides` (e.g. v-prediction + zero terminal SNR of the colorization variant) are
     written into the copied `scheduler/scheduler_config.json`, so sampling uses the trained schedule.
     """
-    weights.check_destination(dst, overwrite)
-    staged = weights.staging_dir(dst)
-    try:
+    with weights.staged_folder(dst, overwrite=overwrite) as staged:
         for part in ("unet", "controlnet"):
             host = jax.tree_util.tree_map(np.asarray, params[part])
             weights.save_converted(os.path.join(staged, part), configs[part], host, component=part)
@@ -167,10 +165,5 @@ def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwr
                 manifest = json.load(f)
         manifest.update({"format_version": weights.FORMAT_VERSION, "trained_by": "pasd_jax.train",
                          "base": os.path.abspath(base)})
-        with open(os.path.join(staged, weights.MANIFEST_NAME), "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-        weights.commit_dir(staged, dst, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        weights.write_manifest(staged, manifest)
     return dst
