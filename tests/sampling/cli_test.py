@@ -3,7 +3,6 @@ and loading a PASD checkpoint over a swapped base."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,11 +14,7 @@ from pasd_jax.sampling.loader import load_models
 FAST = ["--steps", "2", "--process-size", "16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

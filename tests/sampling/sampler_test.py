@@ -18,12 +18,7 @@ from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, ans_init
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Tiny models: XLA's optimisation passes cost more than they save here."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
