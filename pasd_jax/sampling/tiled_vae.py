@@ -35,7 +35,7 @@ size, the overlap) plus one [chunk, tokens] score block, instead of the untiled 
 tokens] scores. Measured with `benchmarks/tiled_vae.py`: SD1.5-shape VAE, fp32, H100 (device peak,
 compile autotuning included): encode 2048² 15 GiB / 4096² 60 GiB, decode 2048² 28 GiB / 4096² 75 GiB
 (XLA temp 63 GiB: a 4096² decode just fits 80 GB); tiny VAE, CPU: 4096² encode 4.4 GiB peak RSS,
-decode 12.0 GiB (XLA temp 3.4 / 11.0 GiB). A tile-sequential executor (the reference runs tile by
+decode 12.0 GiB (14.7 on the 2-core dev box; XLA temp 3.4 / 11.0 GiB). A tile-sequential executor (the reference runs tile by
 tile and holds one activation per tile) could need less. Running the segments between norms one tile
 at a time was tried twice and made XLA's temp buffers larger, not smaller: with `nn.scan` (tiny VAE
 2048²: encode 0.8 -> 1.8 GiB, decode 2.4 -> 3.6 GiB; SD 4096² decode 88 -> 184 GiB, CPU backend) and
