@@ -188,7 +188,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     if config.train.validate_every > 0:
         val_batch = pipeline.validation_examples(config.data, seed=config.seed, count=config.train.val_images,
                                                  tokenizer_dir=tokenizer_dir, source=source)
-        val_fn = validate.make_val_sampler(models, schedule, config.train.val_steps, opts.latent_scale,
+        val_fn = validate.make_val_sampler(models, schedule, config.train.val_steps,
                                            out_sharding=sharding.replicated(mesh))
         val = (val_batch, jax.device_put({k: val_batch[k] for k in ("lq", "prompt_ids")}, sharding.replicated(mesh)),
                val_fn)

@@ -1,9 +1,8 @@
-"""Periodic validation images: a short DDIM run on a fixed LQ set, saved as LQ | SR | HQ grids.
+"""Periodic validation images: the inference sampler on a fixed LQ set, saved as LQ | SR | HQ grids.
 
-A deliberately small sampler (no classifier-free guidance, no tiling, pure-noise start at the
-first DDIM timestep) built on `pasd_jax.diffusion.ddim.ddim_step`, scanned and jitted once; it
-tracks training progress, it is not the inference pipeline (that is `pasd_jax.sampling`, which
-adds ANS, CFG, tiling and colour fixes).
+Runs `pasd_jax.sampling.Sampler` (ANS start from the LQ latent, scanned DDIM, VAE decode) with the
+current weights, without classifier-free guidance (no negative prompt at training time) and
+without tiling or colour fix, jitted once per validation shape.
 
 Shapes: lq [B, H, W, 3] in [0, 1], hq [B, H, W, 3] in [-1, 1], prompt_ids int32 [B, 77];
 output SR float32 [B, H, W, 3] in [0, 1].
@@ -15,38 +14,28 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps
 from pasd_jax.diffusion.schedule import NoiseSchedule
+from pasd_jax.sampling.loader import PASDModels
+from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, latent_shape, make_inputs
 
 
-def make_val_sampler(models, schedule: NoiseSchedule, num_steps: int, latent_scale: float,
-                     out_sharding=None) -> Callable:
+def make_val_sampler(models, schedule: NoiseSchedule, num_steps: int, out_sharding=None) -> Callable:
     """jit(fn(params, lq, prompt_ids, key) -> SR) with `params` = {"unet", "controlnet", "vae", "text_encoder"}."""
-    ts, prev = ddim_timesteps(schedule, num_steps)
-    tables = DDIMArrays.from_schedule(schedule)
-    down = 2 ** (len(models.vae.block_out_channels) - 1)
+    pasd = PASDModels(unet=models.unet, controlnet=models.controlnet, vae=models.vae,
+                      text_encoder=models.text_encoder, params={}, tokenizer=None, schedule=schedule,
+                      family=models.unet.family, source="training")
+    sampler = Sampler(pasd, SamplerSettings(num_steps=num_steps, guidance=False, vae_tiling="never",
+                                            tile_size=1 << 30))
+    te = models.text_encoder
 
     def run(params, lq, prompt_ids, key):
-        text = models.text_encoder.apply({"params": params["text_encoder"]}, prompt_ids, method="encode")
-        b, h, w, _ = lq.shape
-        x = jax.random.normal(key, (b, h // down, w // down, models.vae.latent_channels), jnp.float32)
-
-        def body(x, tp):
-            t = jnp.full((b,), tp[0], jnp.int32)
-            _, res, mid = models.controlnet.apply({"params": params["controlnet"]}, x, t, text, lq)
-            out = models.unet.apply({"params": params["unet"]}, x, t, text, down_block_additional_residuals=res,
-                                    mid_block_additional_residual=mid)
-            x = ddim_step(tables, out.astype(jnp.float32), tp[0], tp[1], x,
-                          prediction_type=schedule.prediction_type)
-            return x, None
-
-        x, _ = jax.lax.scan(body, x, (jnp.asarray(ts), jnp.asarray(prev)))
-        image = models.vae.apply({"params": params["vae"]}, x / latent_scale, method="decode")
-        return jnp.clip(image / 2 + 0.5, 0.0, 1.0)
+        text = te.apply({"params": params["text_encoder"]}, prompt_ids, method=te.encode)
+        noises = Noises.draw(key, latent_shape(pasd, lq.shape))
+        inputs = make_inputs(lq, text, noises, guidance_scale=1.0)
+        return sampler(inputs, params)["image"]
 
     return jax.jit(run, out_shardings=out_sharding)
 
