@@ -27,9 +27,6 @@ from pasd_jax.diffusion.schedule import NoiseSchedule, load_scheduler_config
 from pasd_jax.models import home, registry, weights
 from pasd_jax.models.tokenizer import load_tokenizer
 
-NETS = ("unet", "controlnet", "vae", "text_encoder")
-BASE_PARTS = ("vae", "text_encoder", "tokenizer")
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PASDModels:

@@ -169,10 +169,9 @@ class Sampler:
             norm[y:y + tile, x0:x0 + tile] += weights
         xs = jnp.stack([x[:, y:y + tile, x0:x0 + tile] for y, x0 in origins])
         cs = jnp.stack([cond[:, down * y:down * (y + tile), down * x0:down * (x0 + tile)] for y, x0 in origins])
-        per_call = s.tiles_per_call
-        if self._mesh is not None:
+        per_call = min(s.tiles_per_call, len(origins))
+        if self._mesh is not None:  # whole tiles per device; padding tiles are dropped below
             per_call = math.ceil(per_call / self._mesh.size) * self._mesh.size
-        per_call = min(per_call, len(origins)) if self._mesh is None else per_call
         groups = math.ceil(len(origins) / per_call)
         pad = groups * per_call - len(origins)
         if pad:  # repeat the last tile; its prediction is dropped below
