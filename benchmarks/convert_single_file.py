@@ -34,9 +34,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from convert import ldm  # noqa: E402
-from convert.mapping import flatten_tree, torch_key  # noqa: E402
+from convert.mapping import torch_key  # noqa: E402
 from convert.safetensors_writer import write_safetensors  # noqa: E402
 from convert.single_file import LazyTensor  # noqa: E402
+from pasd_jax.assembly.paths import flatten  # noqa: E402
 from pasd_jax.models import registry  # noqa: E402
 
 SD15_UNET = {
@@ -61,7 +62,7 @@ SD15_TEXT = {
 def _torch_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """torch key -> torch-layout shape of a component, from its Flax abstract params."""
     shapes = {}
-    for path, spec in flatten_tree(registry.abstract_params(registry.build_module(config))).items():
+    for path, spec in flatten(registry.abstract_params(registry.build_module(config))).items():
         shape = tuple(spec.shape)
         if path[-1] == "kernel":
             shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.assembly import defaults, registry
+from pasd_jax.assembly.bundle import PASDBundle
+from pasd_jax.assembly.init import init_params
 from pasd_jax.diffusion.schedule import NoiseSchedule
-from pasd_jax.models import registry, sd15, tiny
-from pasd_jax.sampling.loader import PASDModels
+from pasd_jax.fixtures import sd15, tiny
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, latent_shape, make_inputs
 
 
@@ -38,20 +40,20 @@ def _jax_peak_gb() -> str:
     return f"{_peak_rss_gb():.2f} GiB host RSS"
 
 
-def build_models(args) -> PASDModels:
+def build_models(args) -> PASDBundle:
     cfgs = tiny.tiny_configs("pasd") if args.tiny else sd15.configs(args.family)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     params, modules = {}, {}
     for i, (name, cfg) in enumerate(cfgs.items()):
-        params[name] = jax.device_put(tiny.init_params(cfg, seed=i))
+        params[name] = jax.device_put(init_params(cfg, seed=i))
         modules[name] = registry.build_module(cfg, **({"dtype": dtype} if name in ("unet", "controlnet") else {}))
-    schedule = NoiseSchedule.from_config(sd15.SCHEDULER)
-    return PASDModels(params=params, tokenizer=None, schedule=schedule, family=args.family, source="random",
+    schedule = NoiseSchedule.from_config(defaults.SCHEDULER)
+    return PASDBundle(params=params, tokenizer=None, schedule=schedule, family=args.family, source="random",
                       **modules)
 
 
-def bench_jax(args, models: PASDModels) -> float:
-    sampler = Sampler(models, SamplerSettings(num_steps=args.steps, vae_tiling="never", tile_size=1 << 20))
+def bench_jax(args, models: PASDBundle) -> float:
+    sampler = Sampler(models, SamplerSettings(num_steps=args.steps, vae_tiling="never", latent_tiling=False))
     rng = np.random.default_rng(0)
     lq = rng.random((1, args.size, args.size, 3), dtype=np.float32)
     text = rng.standard_normal((2, 77, models.text_encoder.hidden_size)).astype(np.float32)
@@ -100,7 +102,7 @@ def bench_torch(args) -> float | None:
     import transformers
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**{
         k: v for k, v in cfgs["text_encoder"].items() if k not in ("architectures", "model_type")}))
-    scheduler = diffusers.DDIMScheduler(**clean(sd15.SCHEDULER))
+    scheduler = diffusers.DDIMScheduler(**clean(defaults.SCHEDULER))
     pipe = diffusers.StableDiffusionControlNetPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet, controlnet=controlnet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(dev, dtype)

@@ -10,6 +10,7 @@ below `--min-free-gb` (shared machines). `--vae sd15` uses SD1.5's VAE shape wit
     python benchmarks/tiled_vae.py [--size 4096] [--only encode|decode] [--repeats 1] [--vae tiny|sd15]
 """
 
+from pasd_jax.assembly.init import init_params
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,12 @@ def _child(task: str, size: int, repeats: int, chunk: int, vae: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from pasd_jax.models import registry, tiny
+    from pasd_jax.assembly import registry
+    from pasd_jax.fixtures import tiny
     from pasd_jax.sampling import tiled_vae as tv
 
     config = tiny.tiny_vae_config() if vae == "tiny" else SD15_VAE
-    module, params = registry.build_module(config), tiny.init_params(config, seed=0)
+    module, params = registry.build_module(config), init_params(config, seed=0)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     f = module.downscale
     rng = np.random.default_rng(0)

@@ -29,13 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.assembly import defaults, registry
+from pasd_jax.assembly.bundle import COMPONENTS, PASDBundle
+from pasd_jax.assembly.init import init_params
 from pasd_jax.diffusion.schedule import NoiseSchedule
-from pasd_jax.models import registry, tiny
+from pasd_jax.fixtures import tiny
 from pasd_jax.models.controlnet import controlnet_config_from_unet
 from pasd_jax.train import sharding
 from pasd_jax.train.optim import make_optimizer
 from pasd_jax.train.state import TrainState, split
-from pasd_jax.train.step import Models, StepOptions, train_step
+from pasd_jax.train.step import StepOptions, train_step
 
 SD15_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/sd15"
 SD15_UNET = dict(
@@ -98,17 +101,18 @@ def main() -> None:
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
 
     configs = model_configs(args.tiny, args.family)
-    models = Models(unet=registry.build_module(configs["unet"], dtype=compute),
-                    controlnet=registry.build_module(configs["controlnet"], dtype=compute),
-                    vae=registry.build_module(configs["vae"]),
-                    text_encoder=registry.build_module(configs["text_encoder"], dtype=compute))
+    models = PASDBundle(unet=registry.build_module(configs["unet"], dtype=compute),
+                        controlnet=registry.build_module(configs["controlnet"], dtype=compute),
+                        vae=registry.build_module(configs["vae"]),
+                        text_encoder=registry.build_module(configs["text_encoder"], dtype=compute),
+                        schedule=NoiseSchedule.from_config(defaults.SCHEDULER), family=args.family, source="random")
     mesh = sharding.make_mesh(-1, args.fsdp)
     batch = per_device * jax.device_count()
 
     # Seeded random weights made on the host with numpy (a jitted per-leaf init compiles for minutes
     # on a CPU), then placed in their shardings.
     t0 = time.perf_counter()
-    host = {name: tiny.init_params(configs[name], i) for i, name in enumerate(Models._fields)}
+    host = {name: init_params(configs[name], i) for i, name in enumerate(COMPONENTS)}
     inits = sharding.put(host, sharding.tree_shardings(host, mesh))
     del host
     trainable, frozen = split(inits, ("^controlnet/", "pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus"))
@@ -128,9 +132,8 @@ def main() -> None:
             "lq": rng.uniform(0, 1, (batch, res, res, 3)).astype(np.float32),
             "prompt_ids": rng.integers(0, configs["text_encoder"]["vocab_size"], (batch, 77)).astype(np.int32)}
     data = sharding.global_batch(data, mesh)
-    schedule = NoiseSchedule.from_config(tiny.SD15_SCHEDULER)
     opts = StepOptions(latent_scale=0.18215, remat_policy=args.remat)
-    step = jax.jit(functools.partial(train_step, models=models, schedule=schedule, tx=tx, lr_fn=lr_fn, opts=opts),
+    step = jax.jit(functools.partial(train_step, models=models, tx=tx, lr_fn=lr_fn, opts=opts),
                    in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     t0 = time.perf_counter()

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pasd_jax.models import registry, tiny
+from pasd_jax.assembly import registry
+from pasd_jax.assembly.init import init_params
+from pasd_jax.fixtures import tiny
 from pasd_jax.models import unet as unet_lib
 
 SD15_UNET = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/sd15/unet/config.json"
@@ -55,7 +57,7 @@ def bench_flax(config: dict, family: str, batch: int, size: int, repeats: int, d
         residuals = ([jnp.zeros((batch, h, w, c), jnp.float32) for (h, w), c in zip(sizes, chans)],
                      jnp.zeros((batch,) + sizes[-1] + (chans[-1],), jnp.float32))
     cfg = dict(config, **{registry.FAMILY_KEY: family})
-    params = jax.device_put(tiny.init_params(cfg, seed=0))  # numpy init: no XLA compile of init
+    params = jax.device_put(init_params(cfg, seed=0))  # numpy init: no XLA compile of init
     n_params = sum(x.size for x in jax.tree.leaves(params))
     timestep = jnp.full((batch,), 500, jnp.int32)
     forward = jax.jit(lambda p, x, t, c, r: model.apply({"params": p}, x, t, c, *r))

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 
 from convert import core, export, lora, single_file
-from pasd_jax.models import home, registry, weights
+from pasd_jax.assembly import home, registry, weights
 
 SOURCE_HELP = """\
 Single files: an SD1.x / SD2.x checkpoint in the original (A1111 / civitai) layout,

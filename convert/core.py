@@ -2,7 +2,7 @@
 
 The torch-side counterpart is `ModelMixin.from_pretrained(folder)` / `save_pretrained`: a folder
 with `config.json` + weights becomes a folder with `config.json` + `flax_params.safetensors`
-(`pasd_jax.models.weights`). Per component:
+(`pasd_jax.assembly.weights`). Per component:
 
     config.json -> registry.detect_component -> (UNet: family from the checkpoint keys)
     weights     -> torch_io.load_component_weights -> registry.prepare_state_dict
@@ -30,7 +30,7 @@ import numpy as np
 
 from convert import torch_io
 from convert.mapping import torch_to_flax
-from pasd_jax.models import registry, weights
+from pasd_jax.assembly import registry, weights
 
 COPIED_SUBFOLDERS = ("tokenizer", "scheduler")
 

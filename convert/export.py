@@ -8,7 +8,7 @@ transformers text encoder), with `convert.mapping.flax_to_torch` names and layou
 it. torch -> ours -> torch is exact for float32 weights. A pipeline folder exports every
 component, copies tokenizer/ and scheduler/, and writes a `model_index.json`; with a base
 (`--base`), the UNet's stock weights, the VAE and the text encoder come from the base
-(`pasd_jax.models.home.merge_base_unet`), the ControlNet and PACA weights from the PASD folder.
+(`pasd_jax.assembly.home.merge_base_unet`), the ControlNet and PACA weights from the PASD folder.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from convert.mapping import from_flax_layout, flatten_tree, torch_key
+from convert.mapping import from_flax_layout, torch_key
 from convert.safetensors_writer import write_safetensors
-from pasd_jax.models import home, registry, weights
+from pasd_jax.assembly import home, paths, registry, weights
 
 EXPORT_MARKER = "pasd_jax_export.json"  # lets --overwrite replace a folder this module wrote
 WEIGHT_FILES = {"text_encoder": "model.safetensors"}  # transformers; diffusers components otherwise
@@ -33,7 +33,7 @@ _LIBRARIES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers"
 
 def torch_state(params: Mapping) -> dict:
     """Flax tree -> torch-named state dict of (possibly strided) views; no copies."""
-    return {torch_key(path): from_flax_layout(value, path[-1]) for path, value in flatten_tree(params).items()}
+    return {torch_key(path): from_flax_layout(value, path[-1]) for path, value in paths.flatten(params).items()}
 
 
 def torch_config(config: Mapping[str, Any]) -> dict:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from convert import ldm, torch_io
-from convert.mapping import flatten_tree, torch_module_name, unflatten_tree
+from convert.mapping import torch_module_name
+from pasd_jax.assembly import paths
 
 _KOHYA = re.compile(r"^(lora_unet|lora_te\d?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
@@ -165,7 +166,7 @@ def module_index(params: Mapping, component: str, unet_config: Mapping[str, Any]
     torch name with "." and with "_" separators; for the UNet also under its LDM name."""
     inverse = ldm.invert(ldm.unet_table(unet_config)) if component == "unet" and unet_config else None
     index: dict[str, tuple] = {}
-    for path in flatten_tree(params):
+    for path in paths.flatten(params):
         if path[-1] != "kernel":
             continue
         names = [torch_module_name(path[:-1])]
@@ -210,7 +211,7 @@ class LoraSet:
     def merge(self, component: str, params: Mapping, unet_config: Mapping[str, Any] | None = None) -> dict:
         """Return `params` (nested Flax dict) with every matching LoRA module merged in float32."""
         index = module_index(params, component, unet_config)
-        flat = flatten_tree(params)
+        flat = paths.flatten(params)
         changed: dict[tuple, np.ndarray] = {}
         for i, lora in enumerate(self.files):
             for key, module in lora.modules.items():
@@ -228,7 +229,7 @@ class LoraSet:
             return params
         for path, kernel in changed.items():
             flat[path] = kernel.astype(np.asarray(flat[path]).dtype, copy=False)
-        return unflatten_tree(flat)
+        return paths.unflatten(flat)
 
     def unmatched(self) -> list[str]:
         """"file: module" for every LoRA module that matched nothing in any merged component."""

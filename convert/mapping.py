@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from pasd_jax.assembly import paths
+
 # Torch leaf name -> candidate Flax leaf names, in order of preference.
 _LEAF_CANDIDATES = {
     "weight": ("kernel", "scale", "embedding"),
@@ -55,29 +57,6 @@ def fold_key(torch_key: str) -> list[str]:
         else:
             parts.append(part)
     return parts
-
-
-def flatten_tree(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    """Nested dict -> {path tuple: leaf}."""
-    flat = {}
-    for key, value in tree.items():
-        path = prefix + (str(key),)
-        if isinstance(value, Mapping):
-            flat.update(flatten_tree(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten_tree(flat: Mapping[tuple[str, ...], object]) -> dict:
-    """{path tuple: leaf} -> nested dict."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _to_flax_layout(array: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
@@ -135,7 +114,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, what
     Raises:
       ConversionError listing every missing, unexpected and shape-mismatched key.
     """
-    target_flat = flatten_tree(target)
+    target_flat = paths.flatten(target)
     state_dict = _resolve_aliases(state_dict)
     out: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched, mismatched_paths = [], [], set()
@@ -176,7 +155,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, what
         if mismatched:
             parts.append(_format_problems("shape mismatch", mismatched))
         raise ConversionError("\n".join(parts))
-    return unflatten_tree(out)
+    return paths.unflatten(out)
 
 
 def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
@@ -186,7 +165,7 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     themselves end in `_N`, listed in `_UNFOLDED_NAMES`); kernel/scale/embedding become `weight`.
     """
     state = {}
-    for path, value in flatten_tree(params).items():
+    for path, value in paths.flatten(params).items():
         state[torch_key(path)] = np.ascontiguousarray(from_flax_layout(np.asarray(value), path[-1]))
     return state
 

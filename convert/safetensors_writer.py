@@ -16,8 +16,7 @@ from collections.abc import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from convert.mapping import flatten_tree
-from pasd_jax.models import weights
+from pasd_jax.assembly import paths, weights
 
 _DTYPE_NAMES = {
     np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8", np.dtype(np.uint16): "U16",
@@ -63,7 +62,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 def save_converted_streaming(folder: str | os.PathLike, config: Mapping, params: Mapping, *, component: str,
                              on_tensor: Callable[[str], None] | None = None) -> None:
-    """`pasd_jax.models.weights.save_converted` into a *new* folder (normally inside a staging
+    """`pasd_jax.assembly.weights.save_converted` into a *new* folder (normally inside a staging
     folder), writing the parameters tensor by tensor. Same files, same metadata."""
     folder = os.fspath(folder)
     os.makedirs(folder)
@@ -72,6 +71,6 @@ def save_converted_streaming(folder: str | os.PathLike, config: Mapping, params:
     with open(os.path.join(folder, weights.CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-    flat = {"/".join(path): value for path, value in flatten_tree(params).items()}  # views, no copies
+    flat = {"/".join(path): value for path, value in paths.flatten(params).items()}  # views, no copies
     write_safetensors(os.path.join(folder, weights.PARAMS_NAME), flat,
                       metadata={"format": "flax"}, on_tensor=on_tensor)

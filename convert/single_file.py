@@ -27,18 +27,12 @@ from convert import ldm, torch_io
 from convert.core import NonFiniteWeightsWarning, abstract_params_for, format_count
 from convert.mapping import ConversionError, torch_to_flax
 from convert.safetensors_writer import save_converted_streaming
-from pasd_jax.models import home, registry, weights
+from pasd_jax.assembly import defaults, home, paths, registry, weights
+from pasd_jax.diffusion import schedule
 
 SINGLE_FILE_EXTENSIONS = (torch_io.SAFETENSORS_EXTENSION,) + torch_io.PICKLE_EXTENSIONS
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-# SD1.x/SD2.x training schedule (diffusers DDIMScheduler keys); prediction_type set per model.
-SD_SCHEDULER = {
-    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None,
-}
-
+# Prediction types an SD checkpoint file can have (the schedule also knows "sample").
+PREDICTION_TYPES = tuple(p for p in schedule.PREDICTION_TYPES if p != "sample")
 
 # ---- lazily read tensors -------------------------------------------------------------------
 class LazyTensor:
@@ -289,7 +283,7 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     model_type = ldm.detect_model_type(ckpt.tensors)
-    scheduler = dict(template_scheduler(template) or SD_SCHEDULER)
+    scheduler = dict(template_scheduler(template) or defaults.SCHEDULER)
     detected = ldm.detect_prediction_type(ckpt.tensors, model_type, ckpt.extras)
     prediction = prediction_type or detected or scheduler.get("prediction_type") or "epsilon"
     scheduler["prediction_type"] = prediction
@@ -335,7 +329,7 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
         if edit_params is not None:
             params = edit_params(name, params, configs[name])
         save_converted_streaming(os.path.join(out, name), configs[name], params, component=name)
-        num_params[name] = sum(int(np.size(v)) for v in _leaves(params))
+        num_params[name] = sum(int(np.size(v)) for v in paths.leaves(params))
         del params
     if non_finite:
         warnings.warn(f"{ckpt.path}: {len(non_finite)} tensors contain NaN or Inf: {', '.join(non_finite[:10])}"
@@ -357,11 +351,3 @@ def convert_single_file(src: str | os.PathLike, out: str | os.PathLike, *, templ
         f.write("\n")
     return SingleFileReport(model_type, prediction, use_ema, ckpt.dtypes(), num_params, tokenizer,
                             time.perf_counter() - start, non_finite)
-
-
-def _leaves(tree: Mapping):
-    for value in tree.values():
-        if isinstance(value, Mapping):
-            yield from _leaves(value)
-        else:
-            yield value

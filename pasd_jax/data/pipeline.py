@@ -174,7 +174,7 @@ def _tokenizer(folder: str):
     several threads, and `transformers`' lazy imports fail when raced."""
     with _TOKENIZER_LOCK:
         if folder not in _TOKENIZERS:
-            from pasd_jax.models.tokenizer import load_tokenizer
+            from pasd_jax.assembly.tokenizer import load_tokenizer
 
             _TOKENIZERS[folder] = load_tokenizer(folder)
         return _TOKENIZERS[folder]
@@ -193,7 +193,7 @@ def make_example(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mappi
         raise ValueError(f"unknown data.mode {cfg['mode']!r}; expected realesrgan or grayscale")
     if not keep_prompt and rng.uniform() < cfg["null_prompt_prob"]:
         caption = ""
-    from pasd_jax.models.tokenizer import tokenize
+    from pasd_jax.assembly.tokenizer import tokenize
 
     ids = tokenize(_tokenizer(tokenizer_dir), [caption], MAX_PROMPT_TOKENS)[0]
     return {"hq": hq * 2.0 - 1.0, "lq": lq, "prompt_ids": ids.astype(np.int32)}

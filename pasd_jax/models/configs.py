@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 
+#: Recorded in converted UNet configs ("stock" / "pasd" / "pasd_light"); diffusers configs never say it.
+FAMILY_KEY = "_pasd_family"
+
+
 class UnsupportedConfigError(ValueError):
     """A config asks for a model feature this port does not implement."""
 

@@ -18,12 +18,10 @@ from typing import Any, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import flax.linen as nn
 
-from pasd_jax.models.configs import UnsupportedConfigError, check_supported, module_kwargs
+from pasd_jax.models.configs import FAMILY_KEY, UnsupportedConfigError, check_supported, module_kwargs
 from pasd_jax.models.sd_trunk import TRUNK_RULES, SDTrunk
 from pasd_jax.nn.resnet import conv2d, group_norm
 from pasd_jax.nn.unet_blocks import FAMILIES, CrossAttnUpBlock2D, UpBlock2D
-
-FAMILY_KEY = "_pasd_family"  # recorded in converted configs; diffusers configs never say it
 
 
 class UNet2DConditionModel(SDTrunk):

@@ -18,7 +18,13 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from pasd_jax.sampling.pipeline import ADDED_PROMPT, COLOR_FIXES, MODES, RestoreOptions, join_prompt
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from pasd_jax.assembly.loader import load_models
+from pasd_jax.imaging.io import ImageReadError, list_images, load_image, write_image
+from pasd_jax.sampling import defaults, demo
+from pasd_jax.sampling.pipeline import Restorer, RestoreOptions, join_prompt
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -41,29 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists alone")
     g = p.add_argument_group("sampling (defaults: the paper's recipe)")
     g.add_argument("--prompt", default="", help="prompt for every image (joined with a sidecar <image>.txt)")
-    g.add_argument("--added-prompt", default=ADDED_PROMPT, help="appended to every prompt (default: %(default)r)")
+    g.add_argument("--added-prompt", default=defaults.ADDED_PROMPT, help="appended to every prompt (default: %(default)r)")
     g.add_argument("--negative-prompt", default=None, help="default: the paper's (colorize: 'b&w, color bleeding')")
-    g.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    g.add_argument("--guidance-scale", type=float, default=9.0, help="CFG scale; ≤ 1 skips the negative branch")
-    g.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet residual scale")
-    g.add_argument("--added-noise-level", type=int, default=900, help="ANS level a (0 turns ANS off)")
+    g.add_argument("--steps", type=int, default=defaults.STEPS, help="DDIM steps (default %(default)s)")
+    g.add_argument("--guidance-scale", type=float, default=defaults.GUIDANCE_SCALE, help="CFG scale; ≤ 1 skips the negative branch")
+    g.add_argument("--conditioning-scale", type=float, default=defaults.CONDITIONING_SCALE, help="ControlNet residual scale")
+    g.add_argument("--added-noise-level", type=int, default=defaults.ADDED_NOISE_LEVEL, help="ANS level a (0 turns ANS off)")
     g.add_argument("--no-ans", action="store_true", help="same as --added-noise-level 0")
     g.add_argument("--init-with-noise", action="store_true", help="start from pure noise instead of the LQ latent")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
+    g.add_argument("--eta", type=float, default=defaults.ETA, help="DDIM eta")
+    g.add_argument("--seed", type=int, default=defaults.SEED, help="random seed (same seed, same output)")
     g = p.add_argument_group("image processing")
-    g.add_argument("--mode", choices=MODES, default="realisr", help="realisr, or colorize (grayscale inputs)")
-    g.add_argument("--upscale", type=int, default=1, help="output = input size × upscale")
-    g.add_argument("--process-size", type=int, default=768, help="shorter side the model runs at (min)")
-    g.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
-    g.add_argument("--tile-size", type=int, default=320, help="latent tile side (latent px) for big images")
-    g.add_argument("--tile-overlap", type=int, default=8, help="latent tile overlap (latent px)")
-    g.add_argument("--tiles-per-call", type=int, default=1, help="tiles batched per network call")
-    g.add_argument("--vae-tiling", choices=("auto", "always", "never"), default="auto")
+    g.add_argument("--mode", choices=defaults.MODES, default=defaults.MODE, help="realisr, or colorize (grayscale inputs)")
+    g.add_argument("--upscale", type=int, default=defaults.UPSCALE, help="output = input size × upscale")
+    g.add_argument("--process-size", type=int, default=defaults.PROCESS_SIZE, help="shorter side the model runs at (min)")
+    g.add_argument("--color-fix", choices=defaults.COLOR_FIXES, default=defaults.COLOR_FIX)
+    g.add_argument("--tile-size", type=int, default=defaults.TILE_SIZE, help="latent tile side (latent px) for big images")
+    g.add_argument("--tile-overlap", type=int, default=defaults.TILE_OVERLAP, help="latent tile overlap (latent px)")
+    g.add_argument("--tiles-per-call", type=int, default=defaults.TILES_PER_CALL, help="tiles batched per network call")
+    g.add_argument("--vae-tiling", choices=defaults.VAE_TILINGS, default=defaults.VAE_TILING)
     return p
 
 
-def _fail(parser: argparse.ArgumentParser, message: str) -> int:
+def _fail(message: str) -> int:
+    """Print a one-line usage error; exit status 2 (argparse's)."""
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -92,16 +99,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        from pasd_jax.sampling import demo
-
         args.output = args.output or "demo_out"
         args.input = str(demo.write_demo_input(pathlib.Path(args.output) / "input"))
         args.process_size = min(args.process_size, 192)
         print(demo.SMOKE_BANNER, file=sys.stderr)
     elif not args.ckpt:
-        return _fail(parser, "--ckpt is required (or --demo for the built-in smoke model)")
+        return _fail("--ckpt is required (or --demo for the built-in smoke model)")
     if not args.input or not args.output:
-        return _fail(parser, "--input and --output are required")
+        return _fail("--input and --output are required")
     try:
         options = RestoreOptions(
             steps=args.steps, guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
@@ -111,15 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             negative_prompt=args.negative_prompt, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
             tiles_per_call=args.tiles_per_call, vae_tiling=args.vae_tiling)
     except ValueError as err:
-        return _fail(parser, str(err))
-
-    from pasd_jax.imaging.io import list_images
+        return _fail(str(err))
 
     try:
         inputs = list_images(args.input)
         outputs = plan_outputs(inputs, args.output, pathlib.Path(args.input).is_file())
     except (FileNotFoundError, ValueError) as err:
-        return _fail(parser, str(err))
+        return _fail(str(err))
     todo = [(i, o) for i, o in zip(inputs, outputs) if not (args.skip_existing and o.exists())]
     skipped = len(inputs) - len(todo)
     existing = [str(o) for _, o in todo if o.exists()]
@@ -131,17 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args, options: RestoreOptions, todo, skipped: int) -> int:
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from pasd_jax.imaging.io import ImageReadError, load_image, write_image
-    from pasd_jax.sampling.loader import load_models
-    from pasd_jax.sampling.pipeline import Restorer
-
     t0 = time.perf_counter()
     try:
         if args.demo:
-            from pasd_jax.sampling import demo
             models = load_models(demo.demo_model_dir())
         else:
             models = load_models(args.ckpt, args.base, scheduler=args.scheduler,

@@ -1,7 +1,7 @@
 """`sample.py --demo`: the whole pipeline on a generated image with the tiny built-in smoke model.
 
 Nothing is downloaded and no file of the user's is needed: the smoke model
-(`pasd_jax.models.tiny`, random weights) is written to a cache folder once, and the input is a
+(`pasd_jax.fixtures.tiny`, random weights) is written to a cache folder once, and the input is a
 procedurally drawn scene, degraded (box-downscaled, blurred, noised, JPEG-compressed) like a
 real-world low-quality photo. The output shows that every stage runs, not a restoration.
 """
@@ -15,7 +15,8 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pasd_jax.models import home, tiny
+from pasd_jax.assembly import home
+from pasd_jax.fixtures import tiny
 
 SMOKE_BANNER = ("SMOKE MODEL: tiny built-in PASD with random weights — this checks that the pipeline runs; "
                 "the output is NOT a restoration. Use --ckpt/--base with converted PASD weights for real results.")

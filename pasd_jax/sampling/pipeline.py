@@ -24,16 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.assembly.tokenizer import tokenize
 from pasd_jax.imaging import color_fix, preprocess
-from pasd_jax.models.tokenizer import tokenize
+from pasd_jax.sampling import defaults
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, latent_shape, make_inputs
-
-ADDED_PROMPT = "clean, high-resolution, 8k"
-NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
-COLORIZE_NEGATIVE_PROMPT = "b&w, color bleeding"
-COLOR_FIXES = ("wavelet", "adain", "none")
-MODES = ("realisr", "colorize")
-
 
 _COLOR_FIXES = {"wavelet": jax.jit(color_fix.wavelet_color_fix), "adain": jax.jit(color_fix.adain_color_fix)}
 
@@ -42,28 +36,28 @@ _COLOR_FIXES = {"wavelet": jax.jit(color_fix.wavelet_color_fix), "adain": jax.ji
 class RestoreOptions:
     """User-facing settings; defaults are the released-model recipe (§7.1) with DDIM."""
 
-    steps: int = 20
-    guidance_scale: float = 9.0
-    conditioning_scale: float = 1.0
-    added_noise_level: int = 900      # ≤ 0 switches ANS off
-    init: str = "ans"                 # "ans" (from the LQ latent) or "noise" (pure noise)
-    eta: float = 0.0
-    upscale: int = 1
-    process_size: int = 768
-    color_fix: str = "wavelet"
-    mode: str = "realisr"
-    added_prompt: str = ADDED_PROMPT
+    steps: int = defaults.STEPS
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    conditioning_scale: float = defaults.CONDITIONING_SCALE
+    added_noise_level: int = defaults.ADDED_NOISE_LEVEL  # ≤ 0 switches ANS off
+    init: str = defaults.INIT                            # "ans" (from the LQ latent) or "noise" (pure noise)
+    eta: float = defaults.ETA
+    upscale: int = defaults.UPSCALE
+    process_size: int = defaults.PROCESS_SIZE
+    color_fix: str = defaults.COLOR_FIX
+    mode: str = defaults.MODE
+    added_prompt: str = defaults.ADDED_PROMPT
     negative_prompt: Optional[str] = None  # None: the mode's default
-    tile_size: int = 320
-    tile_overlap: int = 8
-    tiles_per_call: int = 1
-    vae_tiling: str = "auto"
+    tile_size: int = defaults.TILE_SIZE
+    tile_overlap: int = defaults.TILE_OVERLAP
+    tiles_per_call: int = defaults.TILES_PER_CALL
+    vae_tiling: str = defaults.VAE_TILING
 
     def __post_init__(self):
-        if self.color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.color_fix not in defaults.COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {defaults.COLOR_FIXES}, got {self.color_fix!r}")
+        if self.mode not in defaults.MODES:
+            raise ValueError(f"mode must be one of {defaults.MODES}, got {self.mode!r}")
         if self.upscale < 1 or self.process_size < 8:
             raise ValueError("upscale must be ≥ 1 and process_size ≥ 8")
 
@@ -71,7 +65,7 @@ class RestoreOptions:
     def negative(self) -> str:
         if self.negative_prompt is not None:
             return self.negative_prompt
-        return COLORIZE_NEGATIVE_PROMPT if self.mode == "colorize" else NEGATIVE_PROMPT
+        return defaults.COLORIZE_NEGATIVE_PROMPT if self.mode == "colorize" else defaults.NEGATIVE_PROMPT
 
     def sampler_settings(self) -> SamplerSettings:
         return SamplerSettings(num_steps=self.steps, eta=self.eta, guidance=self.guidance_scale > 1.0,
@@ -93,7 +87,7 @@ def join_prompt(*parts: Optional[str]) -> str:
 
 
 class Restorer:
-    """Restores images with one `PASDModels` and one `RestoreOptions`; reuses compiled code for
+    """Restores images with one `PASDBundle` (with params) and one `RestoreOptions`; reuses compiled code for
     every image of the same processed size."""
 
     def __init__(self, models, options: RestoreOptions = RestoreOptions()):

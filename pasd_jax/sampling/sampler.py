@@ -35,16 +35,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps, prev_timestep
 from pasd_jax.imaging import tiling
+from pasd_jax.sampling import defaults, tiled_vae
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-    """Static sampler options (part of the compilation key). Defaults: the paper's recipe.
+    """Static sampler options (part of the compilation key). Defaults: the paper's recipe
+    (`pasd_jax.sampling.defaults`).
 
-    num_steps: DDIM steps (20). eta: DDIM η (0 = deterministic).
+    num_steps: DDIM steps. eta: DDIM η (0 = deterministic).
     guidance: run classifier-free guidance (batch [negative; positive]); the pipeline turns it off
       for guidance_scale ≤ 1, which halves the work.
     init: "ans" (LQ latent + adjustable noise, §7.4) or "noise" (pure Gaussian start).
+    latent_tiling: tile big latents at all (False: never, e.g. training validation).
     tile_size, tile_overlap: latent tiling (latent px); tiling is on when h·w > tile_size².
     tiles_per_call: tiles per network call (rounded up to a multiple of the local device count).
     vae_tiling: "auto" (above the reference's thresholds), "always" or "never".
@@ -52,24 +55,25 @@ class SamplerSettings:
     trajectory: also return every step's latents (for parity tests; costs memory).
     """
 
-    num_steps: int = 20
-    eta: float = 0.0
+    num_steps: int = defaults.STEPS
+    eta: float = defaults.ETA
     guidance: bool = True
-    init: str = "ans"
-    tile_size: int = 320
-    tile_overlap: int = 8
-    tiles_per_call: int = 1
-    vae_tiling: str = "auto"
-    vae_encoder_tile: int = 1024
-    vae_encoder_pad: int = 32
-    vae_decoder_tile: int = 224
-    vae_decoder_pad: int = 11
+    init: str = defaults.INIT
+    latent_tiling: bool = True
+    tile_size: int = defaults.TILE_SIZE
+    tile_overlap: int = defaults.TILE_OVERLAP
+    tiles_per_call: int = defaults.TILES_PER_CALL
+    vae_tiling: str = defaults.VAE_TILING
+    vae_encoder_tile: int = defaults.ENCODER_TILE
+    vae_encoder_pad: int = defaults.ENCODER_PAD
+    vae_decoder_tile: int = defaults.DECODER_TILE
+    vae_decoder_pad: int = defaults.DECODER_PAD
     trajectory: bool = False
 
     def __post_init__(self):
-        if self.init not in ("ans", "noise"):
+        if self.init not in defaults.INITS:
             raise ValueError(f"init must be 'ans' or 'noise', got {self.init!r}")
-        if self.vae_tiling not in ("auto", "always", "never"):
+        if self.vae_tiling not in defaults.VAE_TILINGS:
             raise ValueError(f"vae_tiling must be 'auto', 'always' or 'never', got {self.vae_tiling!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
@@ -124,7 +128,10 @@ def ans_init(schedule: DDIMArrays, z0, eps_t0, eps_added, t0, added_noise_level)
 
 
 class Sampler:
-    """PASD sampling for one `PASDModels` and one `SamplerSettings` (see the module docstring)."""
+    """PASD sampling for one `PASDBundle` and one `SamplerSettings` (see the module docstring).
+
+    The bundle gives the networks and the schedule; its params (if any) are the default weights
+    of `__call__` / `run_loop`."""
 
     def __init__(self, models, settings: SamplerSettings = SamplerSettings(), timesteps=None):
         """`timesteps` (descending ints) replaces the schedule's `settings.num_steps` DDIM timesteps
@@ -203,7 +210,7 @@ class Sampler:
         if s.guidance:
             x_in, cond = jnp.concatenate([latents, latents]), jnp.concatenate([inputs.lq, inputs.lq])
         h, w = latents.shape[1:3]
-        eps_fn = self._tiled_eps if tiling.needs_tiling(h, w, s.tile_size) else self._eps
+        eps_fn = self._tiled_eps if s.latent_tiling and tiling.needs_tiling(h, w, s.tile_size) else self._eps
         eps = eps_fn(params, x_in, t, inputs.text, cond, inputs.conditioning_scale)
         if s.guidance:
             eps_u, eps_c = jnp.split(eps, 2)
@@ -217,17 +224,17 @@ class Sampler:
                          clip_sample_range=sched.clip_sample_range)
 
     # ---- VAE ------------------------------------------------------------------------------------
-    def _use_vae_tiling(self, h: int, w: int, tile: int, pad: int) -> bool:
-        """The reference tiles the VAE when `max(H, W) > tile + 2·pad` (§7.6); settings may force it."""
-        return {"always": True, "never": False}.get(self.settings.vae_tiling, max(h, w) > tile + 2 * pad)
+    def _use_vae_tiling(self, needed: bool) -> bool:
+        """`needed` (the reference's rule, `tiled_vae.needs_tiled_encode/decode`, §7.6) unless the
+        settings force tiling on ("always") or off ("never")."""
+        return {"always": True, "never": False}.get(self.settings.vae_tiling, needed)
 
     def encode(self, params, lq, eps1):
         """z0 = scaling · (mean + std·ε1) of the VAE posterior of `2·lq − 1` (tiled when large)."""
         vae, s = self.models.vae, self.settings
         x = 2.0 * lq - 1.0
         h, w = x.shape[1:3]
-        if self._use_vae_tiling(h, w, s.vae_encoder_tile, s.vae_encoder_pad):
-            from pasd_jax.sampling import tiled_vae
+        if self._use_vae_tiling(tiled_vae.needs_tiled_encode(h, w, s.vae_encoder_tile, s.vae_encoder_pad)):
             mean, logvar = tiled_vae.tiled_encode(vae, params["vae"], x, tile=s.vae_encoder_tile,
                                                   pad=s.vae_encoder_pad)
         else:
@@ -239,8 +246,7 @@ class Sampler:
         vae, s = self.models.vae, self.settings
         z = latents / self.models.scaling_factor
         h, w = z.shape[1:3]
-        if self._use_vae_tiling(h, w, s.vae_decoder_tile, s.vae_decoder_pad):
-            from pasd_jax.sampling import tiled_vae
+        if self._use_vae_tiling(tiled_vae.needs_tiled_decode(h, w, s.vae_decoder_tile, s.vae_decoder_pad)):
             return tiled_vae.tiled_decode(vae, params["vae"], z, tile=s.vae_decoder_tile, pad=s.vae_decoder_pad)
         return vae.apply({"params": params["vae"]}, z, method=vae.decode)
 

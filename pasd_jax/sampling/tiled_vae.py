@@ -55,9 +55,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-#: Reference defaults (PASD `test_pasd.py`: encoder_tiled_size 1024, decoder_tiled_size 224; VAEHook pads).
-ENCODER_TILE, ENCODER_PAD = 1024, 32
-DECODER_TILE, DECODER_PAD = 224, 11
+# Reference tile sizes and pads (encoder: image px, decoder: latent px), written in `defaults`.
+from pasd_jax.sampling.defaults import DECODER_PAD, DECODER_TILE, ENCODER_PAD, ENCODER_TILE
+
 #: Queries per attention block inside a tile: scores take chunk × tokens floats (1024 × 214² ≈ 188 MB).
 DEFAULT_QUERY_CHUNK = 1024
 

@@ -27,9 +27,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pasd_jax.models import registry, weights
+from pasd_jax.assembly import registry, weights
+from pasd_jax.assembly.init import init_params
 from pasd_jax.models.controlnet import controlnet_config_from_unet, controlnet_params_from_unet
-from pasd_jax.models.tiny import init_params
 
 log = logging.getLogger(__name__)
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -125,7 +125,7 @@ def load_initial_params(base: str, *, family: str, use_rrdb: bool, init_from: st
         if got_family != family:
             raise ValueError(f"{init_from}/unet is a {got_family} UNet but model.family={family!r}")
         # Every leaf the checkpoint has wins (PACA / `_plus` and, if stored, the trunk); anything it
-        # lacks stays from the base, as `pasd_jax.models.home.merge_base_unet` does for sampling.
+        # lacks stays from the base, as `pasd_jax.assembly.home.merge_base_unet` does for sampling.
         current, stored = weights.flatten_params(params["unet"]), weights.flatten_params(pasd_unet)
         extra = sorted(set(stored) - set(current))
         if extra:

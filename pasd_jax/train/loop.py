@@ -22,15 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.assembly import registry
+from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.data import pipeline
 from pasd_jax.diffusion.schedule import NoiseSchedule
-from pasd_jax.models import registry
-from pasd_jax.models.tiny import make_tiny_pipeline
 from pasd_jax.train import checkpoint, sharding, validate
 from pasd_jax.train.metrics import MetricWriter
 from pasd_jax.train.optim import make_optimizer
 from pasd_jax.train.state import TrainState, count_params, merge, split
-from pasd_jax.train.step import Models, StepOptions, train_step
+from pasd_jax.train.step import StepOptions, train_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,8 +40,12 @@ _STEP_CACHE: dict[str, object] = {}
 
 
 def resolve_base(config, workdir: str) -> str:
-    """The converted base folder; "tiny" writes the smoke model into `workdir/tiny_base` once."""
+    """The converted base folder; "tiny" writes the smoke model into `workdir/tiny_base` once.
+
+    The smoke-model fixture is imported only here, for the `:tiny` demo config."""
     if config.base == "tiny":
+        from pasd_jax.fixtures.tiny import make_tiny_pipeline
+
         dst = os.path.join(workdir, "tiny_base")
         if not os.path.isdir(dst) and jax.process_index() == 0:
             make_tiny_pipeline(dst, family=config.model.family, use_rrdb=config.model.use_rrdb, seed=config.seed)
@@ -52,14 +56,16 @@ def resolve_base(config, workdir: str) -> str:
     return config.base
 
 
-def build_models(configs: dict, config) -> Models:
-    """Flax modules with the configured compute dtypes (params stay float32)."""
+def build_models(configs: dict, config, schedule: NoiseSchedule, source: str = "training") -> PASDBundle:
+    """The networks with the configured compute dtypes and the training schedule; no params (they
+    live in the train state and the frozen tree, float32)."""
     compute = DTYPES[config.dtype.compute]
-    return Models(
-        unet=registry.build_module(configs["unet"], dtype=compute),
-        controlnet=registry.build_module(configs["controlnet"], dtype=compute),
+    unet = registry.build_module(configs["unet"], dtype=compute)
+    return PASDBundle(
+        unet=unet, controlnet=registry.build_module(configs["controlnet"], dtype=compute),
         vae=registry.build_module(configs["vae"], dtype=DTYPES[config.dtype.vae_compute]),
-        text_encoder=registry.build_module(configs["text_encoder"], dtype=compute))
+        text_encoder=registry.build_module(configs["text_encoder"], dtype=compute),
+        schedule=schedule, family=unet.family, source=source)
 
 
 def schedule_overrides(config) -> dict:
@@ -127,8 +133,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     base = resolve_base(config, workdir)
     configs, params = checkpoint.load_initial_params(base, family=config.model.family, use_rrdb=config.model.use_rrdb,
                                                      init_from=config.init_from, seed=config.seed)
-    models = build_models(configs, config)
-    schedule = build_schedule(base, config)
+    models = build_models(configs, config, build_schedule(base, config), source=base)
     trainable, frozen = split(params, config.train.trainable)
     log.info("trainable params: %d, frozen: %d", count_params(trainable), count_params(frozen))
 
@@ -178,7 +183,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                            base_scheduler_json(base), [d.id for d in mesh.devices.flat]], sort_keys=True, default=str)
     if step_key not in _STEP_CACHE:  # same model and settings in this process: reuse the traced step
         _STEP_CACHE[step_key] = jax.jit(
-            functools.partial(train_step, models=models, schedule=schedule, tx=tx, lr_fn=lr_fn, opts=opts,
+            functools.partial(train_step, models=models, tx=tx, lr_fn=lr_fn, opts=opts,
                               grad_accum=config.optim.grad_accum),
             in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
             donate_argnums=0)
@@ -188,7 +193,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     if config.train.validate_every > 0:
         val_batch = pipeline.validation_examples(config.data, seed=config.seed, count=config.train.val_images,
                                                  tokenizer_dir=tokenizer_dir, source=source)
-        val_fn = validate.make_val_sampler(models, schedule, config.train.val_steps,
+        val_fn = validate.make_val_sampler(models, config.train.val_steps,
                                            out_sharding=sharding.replicated(mesh))
         val = (val_batch, jax.device_put({k: val_batch[k] for k in ("lq", "prompt_ids")}, sharding.replicated(mesh)),
                val_fn)

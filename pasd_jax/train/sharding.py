@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pasd_jax.assembly import paths
+
 log = logging.getLogger(__name__)
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
@@ -63,18 +65,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
     return Mesh(grid, AXES)
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def spec_for(path: str, shape: tuple[int, ...], fsdp_size: int, rules: Sequence[tuple[str, str]],
              min_size: int) -> P:
     """The PartitionSpec of one array (see module doc)."""
@@ -101,7 +91,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = (),
     fsdp_size = mesh.shape["fsdp"]
 
     def one(path, leaf):
-        return NamedSharding(mesh, spec_for(_path_str(path), tuple(getattr(leaf, "shape", ())), fsdp_size,
+        return NamedSharding(mesh, spec_for(paths.key_path_str(path), tuple(getattr(leaf, "shape", ())), fsdp_size,
                                             rules, min_size))
 
     return jax.tree_util.tree_map_with_path(one, tree)

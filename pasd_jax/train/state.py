@@ -17,19 +17,20 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
-SEP = "/"
+from pasd_jax.assembly import paths
+
+SEP = paths.SEP
 
 
 def flat(tree: Mapping) -> dict[str, Any]:
     """Nested dict -> {"a/b/c": leaf}."""
-    return traverse_util.flatten_dict(tree, sep=SEP)
+    return paths.flatten(tree, sep=SEP)
 
 
 def nest(flat_tree: Mapping[str, Any]) -> dict:
     """{"a/b/c": leaf} -> nested dict."""
-    return traverse_util.unflatten_dict(dict(flat_tree), sep=SEP)
+    return paths.unflatten(flat_tree, sep=SEP)
 
 
 def trainable_mask(params: Mapping, patterns: Sequence[str]) -> dict[str, bool]:

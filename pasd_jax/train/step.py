@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from pasd_jax.diffusion.schedule import NoiseSchedule
+from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.train import losses
 from pasd_jax.train.state import TrainState, merge
 
@@ -34,15 +34,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-class Models(NamedTuple):
-    """The four Flax modules (static; their params travel separately)."""
-
-    unet: Any
-    controlnet: Any
-    vae: Any
-    text_encoder: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +55,13 @@ def _maybe_remat(fn: Callable, policy: str) -> Callable:
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
-def loss_fn(trainable, frozen, batch: dict, key: jax.Array, *, models: Models, schedule: NoiseSchedule,
+def loss_fn(trainable, frozen, batch: dict, key: jax.Array, *, models: PASDBundle,
             opts: StepOptions) -> tuple[jnp.ndarray, dict]:
-    """Scalar float32 loss and its parts.
+    """Scalar float32 loss and its parts (networks and schedule from `models`; its params unused).
 
     batch: hq [B, H, W, 3] in [-1, 1], lq [B, H, W, 3] in [0, 1], prompt_ids int32 [B, 77].
     """
-    params = merge(trainable, frozen)
+    params, schedule = merge(trainable, frozen), models.schedule
     k_post, k_noise, k_t = jax.random.split(key, 3)
     hq, lq = batch["hq"], batch["lq"]
     text = models.text_encoder.apply({"params": params["text_encoder"]}, batch["prompt_ids"], method="encode")
@@ -103,12 +94,12 @@ def loss_fn(trainable, frozen, batch: dict, key: jax.Array, *, models: Models, s
     return loss, aux
 
 
-def train_step(state: TrainState, frozen, batch: dict, *, models: Models, schedule: NoiseSchedule,
+def train_step(state: TrainState, frozen, batch: dict, *, models: PASDBundle,
                tx: optax.GradientTransformation, lr_fn: Callable, opts: StepOptions,
                grad_accum: int = 1) -> tuple[TrainState, dict]:
     """One update. Returns (new state, metrics: scalar float32 arrays incl. loss parts, grad_norm, lr)."""
     key = state.step_key()
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, models=models, schedule=schedule, opts=opts),
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, models=models, opts=opts),
                                  has_aux=True)
     (loss, aux), grads = grad_fn(state.params, frozen, batch, key)
     grad_norm = optax.tree.norm(grads)

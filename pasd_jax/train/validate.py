@@ -17,23 +17,21 @@ import jax
 import numpy as np
 from PIL import Image
 
-from pasd_jax.diffusion.schedule import NoiseSchedule
-from pasd_jax.sampling.loader import PASDModels
+from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, latent_shape, make_inputs
 
 
-def make_val_sampler(models, schedule: NoiseSchedule, num_steps: int, out_sharding=None) -> Callable:
-    """jit(fn(params, lq, prompt_ids, key) -> SR) with `params` = {"unet", "controlnet", "vae", "text_encoder"}."""
-    pasd = PASDModels(unet=models.unet, controlnet=models.controlnet, vae=models.vae,
-                      text_encoder=models.text_encoder, params={}, tokenizer=None, schedule=schedule,
-                      family=models.unet.family, source="training")
-    sampler = Sampler(pasd, SamplerSettings(num_steps=num_steps, guidance=False, vae_tiling="never",
-                                            tile_size=1 << 30))
+def make_val_sampler(models: PASDBundle, num_steps: int, out_sharding=None) -> Callable:
+    """jit(fn(params, lq, prompt_ids, key) -> SR) with `params` = {"unet", "controlnet", "vae", "text_encoder"}.
+
+    `models` is the training bundle (networks + schedule, no params: they are the argument)."""
+    sampler = Sampler(models, SamplerSettings(num_steps=num_steps, guidance=False, vae_tiling="never",
+                                              latent_tiling=False))
     te = models.text_encoder
 
     def run(params, lq, prompt_ids, key):
         text = te.apply({"params": params["text_encoder"]}, prompt_ids, method=te.encode)
-        noises = Noises.draw(key, latent_shape(pasd, lq.shape))
+        noises = Noises.draw(key, latent_shape(models, lq.shape))
         inputs = make_inputs(lq, text, noises, guidance_scale=1.0)
         return sampler(inputs, params)["image"]
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from convert.__main__ import main
-from convert.mapping import flatten_tree
-from pasd_jax.models import home, tiny, weights
+from pasd_jax.assembly import home, weights
+from pasd_jax.assembly.init import init_params
+from pasd_jax.assembly.paths import flatten
+from pasd_jax.fixtures import tiny
 from tests.convert import sd_fixtures as F
 
 torch = pytest.importorskip("torch")
@@ -86,7 +88,7 @@ def _pasd_folder(dst, unet_config):
     configs["controlnet"] = tiny.tiny_controlnet_config(configs["unet"])
     os.makedirs(dst)
     for i, (name, config) in enumerate(configs.items()):
-        weights.save_converted(os.path.join(dst, name), config, tiny.init_params(config, 10 + i), component=name)
+        weights.save_converted(os.path.join(dst, name), config, init_params(config, 10 + i), component=name)
     with open(os.path.join(dst, weights.MANIFEST_NAME), "w") as f:
         json.dump({"components": list(configs)}, f)
     return dst
@@ -98,8 +100,8 @@ def test_base_swap_keeps_paca_and_controlnet(sources, models_home, tmp_path, cap
     pasd = _pasd_folder(tmp_path / "pasd", F.unet_config("sd1"))
     _, pasd_unet = weights.load_converted(pasd / "unet")
     _, base_unet = weights.load_converted(home.resolve_base("majicmix") / "unet")
-    merged = flatten_tree(home.merge_base_unet(pasd_unet, base_unet, what="test"))
-    pasd_flat, base_flat = flatten_tree(pasd_unet), flatten_tree(base_unet)
+    merged = flatten(home.merge_base_unet(pasd_unet, base_unet, what="test"))
+    pasd_flat, base_flat = flatten(pasd_unet), flatten(base_unet)
     assert merged.keys() == pasd_flat.keys()
     paca = [p for p in merged if "pixel_attentions" in "/".join(p)]
     assert paca and len(merged) == len(base_flat) + len(paca)

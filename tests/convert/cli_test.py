@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from convert.__main__ import main
-from pasd_jax.models.registry import load_model
-from pasd_jax.models.weights import load_converted
+from pasd_jax.assembly.registry import load_model
+from pasd_jax.assembly.weights import load_converted
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_UNET = REPO / "tests" / "fixtures" / "golden" / "pasd" / "unet"

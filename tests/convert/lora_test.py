@@ -12,8 +12,8 @@ import pytest
 
 from convert import lora
 from convert.__main__ import main
-from convert.mapping import flatten_tree
-from pasd_jax.models.weights import load_converted
+from pasd_jax.assembly.paths import flatten
+from pasd_jax.assembly.weights import load_converted
 from tests.convert import sd_fixtures as F
 
 torch = pytest.importorskip("torch")
@@ -103,8 +103,8 @@ def setup(tmp_path_factory):
 
 def _assert_close_params(got_dir, want_dir):
     for name in ("unet", "text_encoder", "vae"):
-        got = flatten_tree(load_converted(os.path.join(got_dir, name))[1])
-        want = flatten_tree(load_converted(os.path.join(want_dir, name))[1])
+        got = flatten(load_converted(os.path.join(got_dir, name))[1])
+        want = flatten(load_converted(os.path.join(want_dir, name))[1])
         assert got.keys() == want.keys()
         for path in want:
             np.testing.assert_allclose(got[path], want[path], rtol=0, atol=2e-6, err_msg="/".join(path))

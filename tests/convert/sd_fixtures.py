@@ -19,7 +19,8 @@ import os
 import numpy as np
 
 from convert import ldm
-from pasd_jax.models import tiny
+from pasd_jax.assembly import defaults
+from pasd_jax.fixtures import tiny
 
 torch = None  # imported by `_torch()` so that collecting this module never needs torch
 
@@ -77,7 +78,7 @@ def save_diffusers_folder(modules: dict, folder, prediction_type: str = "epsilon
     tiny.write_tiny_tokenizer(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(dict(tiny.SD15_SCHEDULER, prediction_type=prediction_type), f)
+        json.dump(dict(defaults.SCHEDULER, prediction_type=prediction_type), f)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline"}, f)
     return folder

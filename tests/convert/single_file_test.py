@@ -16,9 +16,9 @@ import pytest
 
 from convert import ldm
 from convert.__main__ import main
-from convert.mapping import flatten_tree
-from pasd_jax.models.registry import load_model
-from pasd_jax.models.weights import load_converted
+from pasd_jax.assembly.paths import flatten
+from pasd_jax.assembly.registry import load_model
+from pasd_jax.assembly.weights import load_converted
 from tests.convert import sd_fixtures as F
 
 torch = pytest.importorskip("torch")
@@ -51,7 +51,7 @@ def sd(request, pipelines):
 
 
 def _flat(folder, name):
-    return flatten_tree(load_converted(os.path.join(folder, name))[1])
+    return flatten(load_converted(os.path.join(folder, name))[1])
 
 
 def _assert_same_params(got_folder, want_folder, cast=None):

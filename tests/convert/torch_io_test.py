@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import torch_io
+from convert import torch_io, torch_pickle
 from convert.torch_io import CheckpointReadError, UnsafeCheckpointError, load_component_weights, load_state_dict
 
 torch = pytest.importorskip("torch")
@@ -79,7 +79,7 @@ def test_lazy_ckpt_reads_tensors_on_demand(tmp_path):
     torch.save({"state_dict": tensors, "global_step": 7}, path)
     state, extras = torch_io.load_checkpoint(path, lazy=True)
     assert extras == {"global_step": 7}
-    assert all(isinstance(v, torch_io.LazyArray) for k, v in state.items() if k != "empty")
+    assert all(isinstance(v, torch_pickle.LazyArray) for k, v in state.items() if k != "empty")
     assert state["conv.weight"].shape == (8, 4, 3, 3) and state["bf16"].dtype == ml_dtypes.bfloat16
     _assert_equal({k: np.asarray(v) for k, v in state.items()}, tensors)
     data = path.read_bytes()
@@ -156,7 +156,7 @@ def test_unpickler_refuses_even_without_prescan(tmp_path):
     """Second line of defence: `find_class` itself refuses, the pre-scan is not the only guard."""
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Exploit(os.system, (f"touch {marker}",)), protocol=2)
-    unpickler = torch_io._WeightsUnpickler(payload, "x.bin", read_record=None, big_endian=False)
+    unpickler = torch_pickle._WeightsUnpickler(payload, "x.bin", read_record=None, big_endian=False)
     with pytest.raises(UnsafeCheckpointError, match="x.bin"):
         unpickler.load()
     assert not marker.exists()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import realisr
 from pasd_jax.data import pipeline
-from pasd_jax.models.tiny import write_tiny_tokenizer
+from pasd_jax.fixtures.tiny import write_tiny_tokenizer
 from tests.train.conftest import write_images
 
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.mapping import flatten_tree, torch_to_flax
+from convert.mapping import torch_to_flax
+from pasd_jax.assembly.paths import flatten
 from pasd_jax.models import clip_text
 from tests.torch_oracle import max_diff, randomize_norms, state_dict_numpy
 
@@ -92,7 +93,7 @@ def test_short_sequence_uses_leading_positions():
 
 def test_param_paths_follow_torch_names():
     module = clip_text.from_config(dict(TINY, hidden_act="quick_gelu"))
-    paths = {"/".join(p) for p in flatten_tree(_abstract_params(module))}
+    paths = {"/".join(p) for p in flatten(_abstract_params(module))}
     assert "text_model/encoder/layers_1/self_attn/q_proj/kernel" in paths
     assert "text_model/encoder/layers_0/mlp/fc2/bias" in paths
     assert "text_model/embeddings/token_embedding/embedding" in paths
@@ -142,8 +143,8 @@ def _full_size_key_check(config_dict: dict) -> None:
     state = clip_text.with_text_model_prefix(state)
     abstract = _abstract_params(ours)
     converted = torch_to_flax(state, abstract, what="CLIPTextModel (meta)")  # raises on any mismatch
-    got = {p: v.shape for p, v in flatten_tree(converted).items()}
-    assert got == {p: v.shape for p, v in flatten_tree(abstract).items()}
+    got = {p: v.shape for p, v in flatten(converted).items()}
+    assert got == {p: v.shape for p, v in flatten(abstract).items()}
     assert len(got) == 2 + 16 * ours.num_hidden_layers + 2  # embeddings, layers, final LN
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from convert.mapping import flatten_tree, torch_to_flax
-from pasd_jax import golden
+from convert.mapping import torch_to_flax
+from golden import harness as golden
+from pasd_jax.assembly.paths import flatten
 from pasd_jax.models import controlnet as cn_lib
 from pasd_jax.models import unet as unet_lib
 from pasd_jax.models.configs import UnsupportedConfigError
@@ -116,7 +117,7 @@ def _assert_zero_residuals(apply, params):
 
 def test_fresh_controlnet_residuals_are_zero(tiny):
     cn, params, apply = tiny
-    flat = flatten_tree(params)
+    flat = flatten(params)
     for path, leaf in flat.items():
         zero = path[0].startswith(ZERO_CONV_PREFIXES) or path[:2] == ("controlnet_cond_embedding", "conv_out")
         if zero:
@@ -133,7 +134,7 @@ def test_controlnet_params_from_unet(tiny, family):
     unet = unet_lib.from_config(TINY_UNET, family=family)
     unet_params = jax.tree_util.tree_map(np.asarray, random_params(abstract_params(unet), seed=2))
     merged = cn_lib.controlnet_params_from_unet(unet_params, cn_params)
-    flat, uflat, cflat = flatten_tree(merged), flatten_tree(unet_params), flatten_tree(cn_params)
+    flat, uflat, cflat = flatten(merged), flatten(unet_params), flatten(cn_params)
     assert set(flat) == set(cflat)
     n_copied = 0
     for path, leaf in flat.items():
@@ -206,12 +207,12 @@ def test_full_size_controlnet_keys(reference_dir, variant):
     abstract = abstract_params(module)
     state = {k: np.broadcast_to(np.float32(0), shape) for k, shape in ref["keys"].items()}
     torch_to_flax(state, abstract, what=f"{variant}_controlnet")  # strict: names and shapes 1:1
-    assert len(flatten_tree(abstract)) == ref["num_keys"]
+    assert len(flatten(abstract)) == ref["num_keys"]
 
     # from_unet config on the SD1.5 UNet config builds the same tree (PASD training path, §6).
     sd15 = json.loads((reference_dir / "sd15" / "unet" / "config.json").read_text())
     from_unet = cn_lib.from_config(cn_lib.controlnet_config_from_unet(sd15, use_rrdb=module.use_rrdb))
-    shapes = lambda tree: {p: s.shape for p, s in flatten_tree(tree).items()}
+    shapes = lambda tree: {p: s.shape for p, s in flatten(tree).items()}
     assert shapes(abstract_params(from_unet)) == shapes(abstract)
 
 

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from convert.mapping import flatten_tree, torch_to_flax
+from convert.mapping import torch_to_flax
+from pasd_jax.assembly.paths import flatten
 from pasd_jax.models import unet as unet_lib
 from tests.torch_oracle import flax_params_from_torch, max_diff, nchw, nhwc, randomize_norms
 
@@ -83,7 +84,7 @@ def test_full_size_unet_keys(reference_dir, variant):
     ref = json.loads((reference_dir / "keys" / f"{variant}_unet.json").read_text())
     abstract = _abstract(VARIANT_FAMILY[variant], _sd15_config(reference_dir))
     torch_to_flax(_zeros_state(ref["keys"]), abstract, what=f"{variant}_unet")  # strict names + shapes
-    flat = flatten_tree(abstract)
+    flat = flatten(abstract)
     assert len(flat) == ref["num_keys"]
     assert sum(int(np.prod(s.shape)) for s in flat.values()) == ref["num_params"]
 
@@ -95,4 +96,4 @@ def test_stock_unet_keys_are_pasd_minus_pixel_attentions(reference_dir):
     assert set(keys) - set(stock_keys) == set(extra["unet_extra_vs_stock"])
     abstract = _abstract("stock", _sd15_config(reference_dir))
     torch_to_flax(_zeros_state(stock_keys), abstract, what="stock_unet")
-    assert len(flatten_tree(abstract)) == len(stock_keys)
+    assert len(flatten(abstract)) == len(stock_keys)

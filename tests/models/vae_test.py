@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.mapping import ConversionError, flatten_tree, torch_to_flax
+from convert.mapping import ConversionError, torch_to_flax
+from pasd_jax.assembly.paths import flatten
 from pasd_jax.models import vae as vae_lib
 from pasd_jax.models.configs import UnsupportedConfigError
 from tests.torch_oracle import max_diff, nchw, nhwc, randomize_norms, state_dict_numpy
@@ -79,7 +80,7 @@ def test_legacy_attention_keys_convert_identically(tiny):
     with pytest.raises(ConversionError):
         torch_to_flax(legacy, _abstract(ours))
     converted = torch_to_flax(vae_lib.rename_legacy_vae_keys(legacy), _abstract(ours))
-    got, want = flatten_tree(converted), flatten_tree(params)
+    got, want = flatten(converted), flatten(params)
     assert got.keys() == want.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg="/".join(path))
@@ -124,6 +125,6 @@ def test_sd15_vae_keys_and_shapes(reference_dir):
         ref = TorchVAE.from_config(config)
     fake = {k: np.broadcast_to(np.zeros((), np.float32), tuple(v.shape)) for k, v in ref.state_dict().items()}
     converted = torch_to_flax(fake, abstract, what="sd15 vae")  # strict: keys and shapes
-    assert len(flatten_tree(converted)) == len(flatten_tree(abstract))
+    assert len(flatten(converted)) == len(flatten(abstract))
     assert abstract["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"].shape == (512, 512)
     assert abstract["decoder"]["up_blocks_3"]["resnets_2"]["conv2"]["kernel"].shape == (3, 3, 128, 128)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pasd_jax.models import tiny, weights
+from pasd_jax.assembly import weights
+from pasd_jax.assembly.loader import load_models
+from pasd_jax.fixtures import tiny
 from pasd_jax.sampling import cli
-from pasd_jax.sampling.loader import load_models
 
 FAST = ["--steps", "2", "--process-size", "16"]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from pasd_jax import golden
+from golden import harness as golden
 from tests.conftest import FIXTURES
 from tests.torch_oracle import assert_close, nchw, nhwc, randomize_norms
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pasd_jax.assembly.loader import load_models
+from pasd_jax.fixtures import tiny
 from pasd_jax.imaging import tiling
-from pasd_jax.models import tiny
-from pasd_jax.sampling.loader import load_models
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, ans_init, latent_shape, make_inputs
 
 STEPS = 2

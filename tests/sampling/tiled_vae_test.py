@@ -11,7 +11,9 @@ import pytest
 
 from flax import traverse_util
 
-from pasd_jax.models import registry, tiny
+from pasd_jax.assembly import registry
+from pasd_jax.assembly.init import init_params
+from pasd_jax.fixtures import tiny
 from pasd_jax.models import vae as vae_lib
 from pasd_jax.nn import resnet as resnet_lib
 from pasd_jax.nn.resnet import BatchPooledGroupNorm, group_norm
@@ -21,7 +23,7 @@ from pasd_jax.sampling import tiled_vae as tv
 @pytest.fixture(scope="module")
 def vae():
     config = tiny.tiny_vae_config()
-    return registry.build_module(config), tiny.init_params(config, seed=0)
+    return registry.build_module(config), init_params(config, seed=0)
 
 
 def _smooth_image(b, h, w, seed):
@@ -205,7 +207,7 @@ def test_tiling_is_exact_without_statistics_when_pad_covers_receptive_field(monk
     monkeypatch.setattr(resnet_lib, "group_norm", fake)
     monkeypatch.setattr(vae_lib, "group_norm", fake)
     config = dict(tiny.tiny_vae_config(), mid_block_add_attention=False)
-    module, params = registry.build_module(config), tiny.init_params(config, seed=1)
+    module, params = registry.build_module(config), init_params(config, seed=1)
     x = _smooth_image(1, 256, 256, seed=3)
     mean, logvar = _encode(module, params, x)
     assert len(tv.tile_layout(256, 256, 32, 96, 8)) == 4

@@ -1,13 +1,15 @@
 """Fixtures for the training tests: generated images, a micro model, the tiny config, a compile cache.
 
 The *micro* model is the built-in tiny smoke model cut to two UNet/VAE levels and one CLIP layer
-(built here from `pasd_jax.models.tiny`'s pieces): its train step compiles ~3× faster on a CPU,
+(built here from `pasd_jax.fixtures.tiny`'s pieces): its train step compiles ~3× faster on a CPU,
 which keeps the end-to-end tests within the suite's time budget.
 
 The persistent compilation cache (a session temp folder, also handed to subprocesses through
 JAX_COMPILATION_CACHE_DIR) lets every `train()` call with the same shapes reuse one compiled step.
 """
 
+from pasd_jax.assembly import defaults
+from pasd_jax.assembly.init import init_params
 import json
 import os
 
@@ -66,7 +68,7 @@ def image_folder(tmp_path_factory):
 
 def micro_configs(family: str = "pasd") -> dict:
     """Tiny configs with a 2-level UNet (32, 32), 2× VAE, 2-level DR net and a 1-layer CLIP."""
-    from pasd_jax.models import tiny
+    from pasd_jax.fixtures import tiny
     from pasd_jax.models.controlnet import controlnet_config_from_unet
 
     c = tiny.tiny_configs(family)
@@ -81,18 +83,19 @@ def micro_configs(family: str = "pasd") -> dict:
 
 def write_micro_pipeline(dst: str, family: str = "pasd", seed: int = 0) -> str:
     """A converted pipeline folder (like `make_tiny_pipeline`) of the micro model."""
-    from pasd_jax.models import tiny, weights
+    from pasd_jax.assembly import weights
+    from pasd_jax.fixtures import tiny
     from pasd_jax.models.controlnet import controlnet_params_from_unet
 
     configs = micro_configs(family)
-    params = {n: tiny.init_params(cfg, seed + i) for i, (n, cfg) in enumerate(configs.items())}
+    params = {n: init_params(cfg, seed + i) for i, (n, cfg) in enumerate(configs.items())}
     params["controlnet"] = controlnet_params_from_unet(params["unet"], params["controlnet"])
     for name, cfg in configs.items():
         weights.save_converted(os.path.join(dst, name), cfg, params[name], component=name)
     tiny.write_tiny_tokenizer(os.path.join(dst, "tokenizer"))
     os.makedirs(os.path.join(dst, "scheduler"))
     with open(os.path.join(dst, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(tiny.SD15_SCHEDULER, f)
+        json.dump(defaults.SCHEDULER, f)
     return dst
 
 

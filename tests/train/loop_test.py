@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pasd_jax.models import weights
+from pasd_jax.assembly import weights
+from pasd_jax.assembly.loader import load_models
 from pasd_jax.train.loop import train
 from pasd_jax.train.metrics import read_metrics
 from pasd_jax.train.state import trainable_mask
@@ -70,11 +71,7 @@ def test_frozen_bit_identical_trainable_moved(reference_run, image_folder, micro
         for key, value in weights.flatten_params(before).items():
             np.testing.assert_array_equal(value, weights.flatten_params(after)[key])
     assert os.path.isdir(os.path.join(export, "tokenizer")) and os.path.isdir(os.path.join(export, "scheduler"))
-    try:  # the sampler's loader (developed alongside) reads the export as a PASD checkpoint
-        from pasd_jax.sampling.loader import load_models
-    except ImportError:
-        return
-    loaded = load_models(export)
+    loaded = load_models(export)  # the sampler's loader reads the export as a PASD checkpoint
     assert loaded.family == "pasd"
 
 
@@ -98,9 +95,9 @@ _MESH_SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_disable_most_optimizations", True)
     sys.path.insert(0, {repo!r})
-    from tests.train.conftest import tiny_config
     from pasd_jax.train.loop import train
     from pasd_jax.train.metrics import read_metrics
+    from tests.train.conftest import tiny_config
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({images!r}, {base!r}, **{{"train.total_steps": 3, "train.ckpt_every": 3,
                                         "mesh.data": 2, "mesh.fsdp": 4}})

@@ -114,7 +114,7 @@ def test_sigterm_is_remembered_not_fatal():
 def test_initial_params_from_base_and_pasd_checkpoint(micro_base, tmp_path):
     import os
 
-    from pasd_jax.models import weights
+    from pasd_jax.assembly import weights
     from pasd_jax.train.checkpoint import load_initial_params
 
     configs, params = load_initial_params(micro_base, family="pasd", use_rrdb=False)

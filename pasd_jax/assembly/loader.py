@@ -9,52 +9,23 @@ SD1.5 base (PASD_REFERENCE §6, §7.1). Here every part is a converted folder (`
 * `base` (optional): a name registered with `python -m convert base` or a converted pipeline path.
   With a base, every stock UNet weight, the VAE, the text encoder, the tokenizer and the scheduler
   come from the base; PASD's PACA / `_plus` weights and the whole ControlNet stay from `ckpt`
-  (`pasd_jax.models.home.merge_base_unet`).
+  (`pasd_jax.assembly.home.merge_base_unet`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from pasd_jax.assembly import defaults, home, registry, weights
+from pasd_jax.assembly.bundle import PASDBundle
+from pasd_jax.assembly.tokenizer import load_tokenizer
 from pasd_jax.diffusion.schedule import NoiseSchedule, load_scheduler_config
-from pasd_jax.models import home, registry, weights
-from pasd_jax.models.tokenizer import load_tokenizer
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PASDModels:
-    """The Flax modules, their parameters (device arrays), tokenizer and noise schedule.
-
-    `params` maps "unet", "controlnet", "vae", "text_encoder" to bare parameter trees. `smoke` is
-    True for the tiny built-in model (random weights). Compared by identity, so it can key caches.
-    """
-
-    unet: Any
-    controlnet: Any
-    vae: Any
-    text_encoder: Any
-    params: dict
-    tokenizer: Any
-    schedule: NoiseSchedule
-    family: str
-    source: str
-    smoke: bool = False
-
-    @property
-    def latent_downscale(self) -> int:
-        """Image side / latent side (8 for SD)."""
-        return self.vae.downscale
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.scaling_factor)
 
 
 def _find_part(name: str, *folders: Optional[pathlib.Path]) -> pathlib.Path:
@@ -76,15 +47,15 @@ def _read_manifest(folder: pathlib.Path) -> dict:
 
 def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, *,
                 scheduler: str | os.PathLike | None = None, dtype=jnp.float32,
-                scheduler_overrides: Optional[dict] = None) -> PASDModels:
+                scheduler_overrides: Optional[dict] = None) -> PASDBundle:
     """Load a converted PASD checkpoint (+ optional base) for sampling.
 
     Args:
       ckpt: converted folder with `unet/` (family pasd or pasd_light) and `controlnet/`.
       base: base name or path; provides VAE, text encoder, tokenizer, scheduler and the stock UNet
         weights. Without it they must be in `ckpt`.
-      scheduler: a scheduler config file/folder overriding the one in base/ckpt (default: SD1.5's
-        DDIM settings when none is found).
+      scheduler: a scheduler config file/folder overriding the one in base/ckpt (default:
+        `assembly.defaults.SCHEDULER`, SD1.5's DDIM settings, when none is found).
       dtype: compute dtype of UNet and ControlNet (params stay float32); VAE and text encoder
         compute in float32 (STYLE §2.3).
     Raises FileNotFoundError / ValueError with the folder and the problem named.
@@ -114,8 +85,7 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
         sched_src = found[0] if found else None
     sched_cfg = load_scheduler_config(sched_src) if sched_src is not None else {}
     if not sched_cfg:
-        from pasd_jax.models.tiny import SD15_SCHEDULER
-        sched_cfg = SD15_SCHEDULER
+        sched_cfg = defaults.SCHEDULER
     schedule = NoiseSchedule.from_config(sched_cfg, **(scheduler_overrides or {}))
 
     modules = {
@@ -137,5 +107,5 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
                          f"(an SD1 base with an SD2 PASD checkpoint, or the reverse?)")
     params = jax.device_put(raw)
     smoke = bool(_read_manifest(ckpt).get("smoke_model"))
-    return PASDModels(params=params, tokenizer=tokenizer, schedule=schedule, family=family,
+    return PASDBundle(params=params, tokenizer=tokenizer, schedule=schedule, family=family,
                       source=str(ckpt), smoke=smoke, **modules)

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from pasd_jax.assembly import paths
+
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "flax_params.safetensors"
 MANIFEST_NAME = "pasd_jax.json"  # top-level marker of a converted multi-component folder
@@ -33,30 +35,15 @@ META_KEY = "_pasd_jax"
 FORMAT_VERSION = 1
 
 
-def flatten_params(params: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested param dict -> {"a/b/kernel": numpy array}."""
-    flat = {}
-    for key, value in params.items():
-        key = str(key)
-        if "/" in key or not key:
-            raise ValueError(f"parameter name {prefix + key!r} is empty or contains '/'")
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{prefix}{key}/"))
-        else:
-            flat[prefix + key] = np.ascontiguousarray(np.asarray(value))
-    return flat
+def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
+    """Nested param dict -> {"a/b/kernel": contiguous numpy array} (`paths.flatten` with "/")."""
+    return {path: np.ascontiguousarray(np.asarray(value))
+            for path, value in paths.flatten(params, sep=paths.SEP).items()}
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict:
     """{"a/b/kernel": array} -> nested dict."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return paths.unflatten(flat, sep=paths.SEP)
 
 
 def is_converted_folder(path: str | os.PathLike) -> bool:

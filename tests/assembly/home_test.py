@@ -1,9 +1,9 @@
-"""`pasd_jax.models.home`: models home location, base lookup and the PASD/base UNet merge."""
+"""`pasd_jax.assembly.home`: models home location, base lookup and the PASD/base UNet merge."""
 
 import numpy as np
 import pytest
 
-from pasd_jax.models import home
+from pasd_jax.assembly import home
 
 
 def _make_base(folder, parts=home.BASE_PARTS):

@@ -15,6 +15,9 @@ from typing import Any
 
 import jax
 
+from pasd_jax.assembly import weights
+from pasd_jax.models.configs import FAMILY_KEY  # noqa: F401 - the key converted UNet configs carry
+
 COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
 
 # diffusers `_class_name` -> component name.
@@ -33,7 +36,6 @@ _MODULES = {
     "controlnet": "pasd_jax.models.controlnet",
 }
 
-FAMILY_KEY = "_pasd_family"  # same key as pasd_jax.models.unet.FAMILY_KEY
 
 
 def detect_component(config: Mapping[str, Any]) -> str:
@@ -108,13 +110,11 @@ def prepare_state_dict(component: str, state_dict: Mapping[str, Any]) -> dict:
 
 
 def load_model(src: str | os.PathLike, **overrides: Any) -> tuple[Any, dict]:
-    """A converted folder (see `pasd_jax.models.weights`) -> (Flax module, params).
+    """A converted folder (see `pasd_jax.assembly.weights`) -> (Flax module, params).
 
     Params are numpy arrays, checked against the module's parameter shapes.
     """
-    from pasd_jax.models.weights import load_converted
-
-    config, params = load_converted(src)
+    config, params = weights.load_converted(src)
     module = build_module(config, **overrides)
     expected = jax.tree_util.tree_map(lambda s: tuple(s.shape), abstract_params(module))
     got = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)

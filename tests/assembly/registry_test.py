@@ -1,9 +1,9 @@
-"""pasd_jax.models.registry: config -> component, UNet family from keys, module building."""
+"""pasd_jax.assembly.registry: config -> component, UNet family from keys, module building."""
 
 import jax
 import pytest
 
-from pasd_jax.models import registry
+from pasd_jax.assembly import registry
 
 TINY_CLIP = dict(architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=100, hidden_size=32,
                  intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16)

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pasd_jax.models.tokenizer import load_tokenizer, tokenize
+from pasd_jax.assembly.tokenizer import load_tokenizer, tokenize
 
 BOS, EOS = 49406, 49407
 

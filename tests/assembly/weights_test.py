@@ -1,4 +1,4 @@
-"""pasd_jax.models.weights: converted folders round-trip, atomic saves, refusal to clobber."""
+"""pasd_jax.assembly.weights: converted folders round-trip, atomic saves, refusal to clobber."""
 
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from pasd_jax.models import weights
-from pasd_jax.models.weights import load_converted, save_converted
+from pasd_jax.assembly import weights
+from pasd_jax.assembly.weights import load_converted, save_converted
 
 PARAMS = {
     "conv_in": {"kernel": np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4), "bias": np.ones(4, np.float32)},

@@ -1,6 +1,6 @@
 """End-to-end golden harness: PASD sampling with every random draw supplied, outputs by name.
 
-    python -m pasd_jax.golden --e2e E2E_DIR OUT_DIR
+    python -m pasd_jax.golden --e2e E2E_DIR OUT_DIR      (= python -m golden --e2e …)
 
 Implements the "Hidden test contract" `e2e/` of `shared/reference/golden/README.md`. E2E_DIR is
 the golden root (holding `e2e/` and `pasd/`) or the `e2e/` folder itself. Read from it:
@@ -30,9 +30,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from convert import core, torch_io
+from pasd_jax.assembly import registry
+from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.diffusion.schedule import NoiseSchedule, load_scheduler_config
-from pasd_jax.models import registry
-from pasd_jax.sampling.loader import PASDModels
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, make_inputs
 
 INPUT_NAMES = ("lq_image", "input_ids", "negative_input_ids", "noise.vae_posterior", "noise.first_timestep",
@@ -95,7 +95,7 @@ def run_e2e(e2e_dir: str, out_dir: str, *, log=print) -> str:
     vae, vae_p, _ = load_torch_component(e2e / "vae")
     text_encoder, text_p, _ = load_torch_component(e2e / "text_encoder")
     schedule = NoiseSchedule.from_config(load_scheduler_config(e2e / "scheduler"))
-    models = PASDModels(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
+    models = PASDBundle(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
                         params={"unet": unet_p, "controlnet": cn_p, "vae": vae_p, "text_encoder": text_p},
                         tokenizer=None, schedule=schedule, family=unet_cfg[registry.FAMILY_KEY], source=str(root))
     log(f"[e2e] loaded {models.family} PASD + VAE + CLIP from {root} in {time.perf_counter() - start:.1f}s")
@@ -109,7 +109,7 @@ def run_e2e(e2e_dir: str, out_dir: str, *, log=print) -> str:
                     added_noise_level=jnp.asarray(_nhwc(raw["noise.added_noise_level"])),
                     step_key=jax.random.key(0))
     settings = SamplerSettings(guidance=guidance_scale > 1.0, init="ans", vae_tiling="never", trajectory=True,
-                               tile_size=1 << 30, eta=float(meta.get("eta", 0.0)))
+                               latent_tiling=False, eta=float(meta.get("eta", 0.0)))
     sampler = Sampler(models, settings, timesteps=np.asarray(raw["timesteps"]).astype(np.int64))
     text = prompt_embeds if settings.guidance else prompt_embeds[1:]
     inputs = make_inputs(_nhwc(raw["lq_image"]), text, noises, guidance_scale=guidance_scale,

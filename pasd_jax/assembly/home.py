@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+
+from pasd_jax.assembly import paths
 
 HOME_ENV = "PASD_JAX_HOME"
 DEFAULT_HOME = "~/.cache/pasd_jax"
@@ -129,7 +130,7 @@ def merge_base_unet(pasd_unet_params: Mapping, base_unet_params: Mapping, *, wha
       ValueError listing the base leaves PASD lacks, shape mismatches, and the stock (non-PACA)
       PASD leaves the base does not provide: the two UNets have different architectures.
     """
-    pasd, base = flatten_dict(pasd_unet_params), flatten_dict(base_unet_params)
+    pasd, base = paths.flatten(pasd_unet_params), paths.flatten(base_unet_params)
     extra = ["/".join(p) for p in base if p not in pasd]
     mismatched = [f"{'/'.join(p)}: base {tuple(np.shape(v))}, PASD {tuple(np.shape(pasd[p]))}"
                   for p, v in base.items() if p in pasd and tuple(np.shape(v)) != tuple(np.shape(pasd[p]))]
@@ -150,4 +151,4 @@ def merge_base_unet(pasd_unet_params: Mapping, base_unet_params: Mapping, *, wha
             merged[path] = np.asarray(base[path]).astype(np.asarray(value).dtype, copy=False)
         else:
             merged[path] = np.asarray(value)
-    return unflatten_dict(merged)
+    return paths.unflatten(merged)

@@ -1,0 +1,42 @@
+"""Every sampling default, written once: the released-model recipe (PASD_REFERENCE §7.1) with DDIM.
+
+`sample.py`'s flags (`pasd_jax.sampling.cli`), `RestoreOptions` (pipeline), `SamplerSettings`
+(sampler) and the tiled VAE (`tiled_vae`) all take their defaults and choices from here, so a
+default changes in one place.
+"""
+
+from __future__ import annotations
+
+# ---- prompts (§7.1–7.3) ------------------------------------------------------------------------
+ADDED_PROMPT = "clean, high-resolution, 8k"
+NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
+COLORIZE_NEGATIVE_PROMPT = "b&w, color bleeding"
+
+# ---- diffusion ---------------------------------------------------------------------------------
+STEPS = 20                    # DDIM steps
+GUIDANCE_SCALE = 9.0          # CFG scale; ≤ 1 skips the negative branch
+CONDITIONING_SCALE = 1.0      # ControlNet residual scale
+ADDED_NOISE_LEVEL = 900       # ANS level a (≤ 0 switches ANS off, §7.4)
+ETA = 0.0                     # DDIM η (0: deterministic)
+INIT = "ans"                  # start latent: LQ latent + adjustable noise
+INITS = ("ans", "noise")
+SEED = 0
+
+# ---- image processing (§7.2, §7.7) -------------------------------------------------------------
+UPSCALE = 1
+PROCESS_SIZE = 768            # shorter side the model runs at (minimum)
+COLOR_FIX = "wavelet"
+COLOR_FIXES = ("wavelet", "adain", "none")
+MODE = "realisr"
+MODES = ("realisr", "colorize")
+
+# ---- latent tiling (§7.5), latent px -----------------------------------------------------------
+TILE_SIZE = 320               # tiling is on when h·w > TILE_SIZE²
+TILE_OVERLAP = 8
+TILES_PER_CALL = 1
+
+# ---- tiled VAE (§7.6): PASD `test_pasd.py` encoder_tiled_size 1024, decoder_tiled_size 224, VAEHook pads
+VAE_TILING = "auto"           # "auto": above the thresholds below; "always"; "never"
+VAE_TILINGS = ("auto", "always", "never")
+ENCODER_TILE, ENCODER_PAD = 1024, 32   # image px
+DECODER_TILE, DECODER_PAD = 224, 11    # latent px
