@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -146,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except EXPECTED_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        except Exception as err:  # a bug, but still no partial output: report it plainly
-            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        except Exception:  # a bug: keep the traceback for the report (writes are atomic: no partial output)
+            traceback.print_exc()
+            print("error: unexpected failure (a bug in the converter; the traceback is above); "
+                  "nothing was written", file=sys.stderr)
             return 1
 
 
