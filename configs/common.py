@@ -98,7 +98,6 @@ def base_config() -> mlc.ConfigDict:
     c.train.validate_every = 5_000
     c.train.val_images = 4
     c.train.val_steps = 20
-    c.train.val_folder = ""            # fixed validation images (LQ); default: first records of the data
     c.train.transfer_guard = True
 
     c.mesh = mlc.ConfigDict()
