@@ -38,7 +38,7 @@ from convert.mapping import torch_key  # noqa: E402
 from convert.safetensors_writer import write_safetensors  # noqa: E402
 from convert.single_file import LazyTensor  # noqa: E402
 from pasd_jax.assembly.paths import flatten  # noqa: E402
-from pasd_jax.models import registry  # noqa: E402
+from pasd_jax.assembly import registry  # noqa: E402
 
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,

@@ -10,7 +10,6 @@ below `--min-free-gb` (shared machines). `--vae sd15` uses SD1.5's VAE shape wit
     python benchmarks/tiled_vae.py [--size 4096] [--only encode|decode] [--repeats 1] [--vae tiny|sd15]
 """
 
-from pasd_jax.assembly.init import init_params
 from __future__ import annotations
 
 import argparse
@@ -44,6 +43,7 @@ def _child(task: str, size: int, repeats: int, chunk: int, vae: str) -> None:
     import numpy as np
 
     from pasd_jax.assembly import registry
+    from pasd_jax.assembly.init import init_params
     from pasd_jax.fixtures import tiny
     from pasd_jax.sampling import tiled_vae as tv
 

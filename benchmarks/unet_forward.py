@@ -20,7 +20,6 @@ import numpy as np
 
 from pasd_jax.assembly import registry
 from pasd_jax.assembly.init import init_params
-from pasd_jax.fixtures import tiny
 from pasd_jax.models import unet as unet_lib
 
 SD15_UNET = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/sd15/unet/config.json"

@@ -94,7 +94,7 @@ def load_initial_params(base: str, *, family: str, use_rrdb: bool, init_from: st
     """(configs, params) of {"unet", "controlnet", "vae", "text_encoder"} for a fresh run.
 
     UNet: the base's weights into the `family` UNet; PACA / `_plus` params missing from the base
-    get the tiny model's seeded random init (PASD keeps PyTorch's default init there; PACA
+    get a seeded fresh init (`assembly.init.init_params`; PASD keeps PyTorch's default init there; PACA
     `proj_out` is not zero-initialised, §8). ControlNet: the base's `controlnet/` if it has one,
     else `from_unet` (trunk copied, DR net random, zero convs zero). `init_from` (a converted PASD
     checkpoint with unet/ and controlnet/) then overrides both. Params are numpy float32.

@@ -85,6 +85,22 @@ def test_missing_source_and_unsupported_component(tmp_path, capsys):
     assert _entries(tmp_path) == ["unet2d"]
 
 
+def test_unexpected_errors_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    """Expected errors are one line (above); a bug prints its traceback, exit 1, nothing written."""
+    from convert import core
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated converter bug")
+
+    monkeypatch.setattr(core, "convert_folder", broken)
+    (tmp_path / "src").mkdir()
+    assert main([str(tmp_path / "src"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: simulated converter bug" in err
+    assert err.strip().splitlines()[-1].startswith("error: unexpected failure")
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_destination_needs_overwrite(clip_folder, tmp_path, capsys):
     src, model = clip_folder
     dst = tmp_path / "out"

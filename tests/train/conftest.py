@@ -8,8 +8,6 @@ The persistent compilation cache (a session temp folder, also handed to subproce
 JAX_COMPILATION_CACHE_DIR) lets every `train()` call with the same shapes reuse one compiled step.
 """
 
-from pasd_jax.assembly import defaults
-from pasd_jax.assembly.init import init_params
 import json
 import os
 
@@ -17,6 +15,9 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+from pasd_jax.assembly import defaults
+from pasd_jax.assembly.init import init_params
 
 _FLAGS = ("jax_disable_most_optimizations", "jax_compilation_cache_dir",
           "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
