@@ -146,6 +146,10 @@ class DPMSolverPP:
         sample = jnp.asarray(sample, jnp.float32)
         return DPMState(sample, jnp.zeros((self.solver_order,) + sample.shape, jnp.float32))
 
+    def add_noise(self, x: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.ndarray:
+        """`DPMSolverMultistepScheduler.add_noise`: σ of t's position in the schedule (last step's if absent)."""
+        return S.add_noise_by_sigma(self.sigmas, self.timesteps, x, noise, t)
+
     def step(self, state: DPMState, model_output: jnp.ndarray, i, noise=None) -> tuple[DPMState, jnp.ndarray]:
         """One `DPMSolverMultistepScheduler.step` at step index `i` (traced int ok) -> (state, next sample)."""
         del noise  # deterministic solver

@@ -108,6 +108,10 @@ class LCM:
     def init_state(self, sample: jnp.ndarray) -> LCMState:
         return LCMState(jnp.asarray(sample, jnp.float32))
 
+    def add_noise(self, x: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.ndarray:
+        """`LCMScheduler.add_noise`: sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·noise."""
+        return S.add_noise_by_alpha_bar(self.alphas_cumprod, x, noise, t)
+
     def step(self, state: LCMState, model_output: jnp.ndarray, i, noise=None) -> tuple[LCMState, jnp.ndarray]:
         """One `LCMScheduler.step` at step index `i` (traced ok); `noise` (shape of the sample) re-noises."""
         if noise is None:

@@ -11,7 +11,8 @@ so it can be closed over as constants or passed into `jax.jit`):
         return state, x
 
 `timesteps` `[N]` int32 are the model's t per step, `alphas_cumprod` `[T]` the train ᾱ (the ANS
-start uses them in closed form), `needs_noise` says whether `step` takes fresh Gaussian noise
+start uses them in closed form), `add_noise(x, noise, t)` the class's own diffusers `add_noise`
+(UniPC / DPM-Solver look t up in the schedule's σ, falling back to the last step), `needs_noise` says whether `step` takes fresh Gaussian noise
 (DDIM with η > 0, LCM). Each class reproduces its diffusers namesake (`DDIMScheduler`,
 `UniPCMultistepScheduler`, `DPMSolverMultistepScheduler`, `LCMScheduler`) step for step.
 """
@@ -31,6 +32,7 @@ from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps, prev_
 from pasd_jax.diffusion.dpm_solver import DPMSolverPP
 from pasd_jax.diffusion.lcm import LCM
 from pasd_jax.diffusion.schedule import NoiseSchedule
+from pasd_jax.diffusion.sigmas import add_noise_by_alpha_bar
 from pasd_jax.diffusion.unipc import UniPC
 from pasd_jax.models.configs import UnsupportedConfigError
 
@@ -58,6 +60,8 @@ class Scheduler(Protocol):
     def init_state(self, sample: jnp.ndarray) -> Any: ...
 
     def step(self, state: Any, model_output: jnp.ndarray, i, noise=None) -> tuple[Any, jnp.ndarray]: ...
+
+    def add_noise(self, x: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.ndarray: ...
 
 
 class DDIMState(NamedTuple):
@@ -115,6 +119,10 @@ class DDIM:
 
     def init_state(self, sample: jnp.ndarray) -> DDIMState:
         return DDIMState(jnp.asarray(sample, jnp.float32))
+
+    def add_noise(self, x: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.ndarray:
+        """`DDIMScheduler.add_noise`: sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·noise."""
+        return add_noise_by_alpha_bar(self.arrays.alphas_cumprod, x, noise, t)
 
     def step(self, state: DDIMState, model_output: jnp.ndarray, i, noise=None) -> tuple[DDIMState, jnp.ndarray]:
         """`ddim_step` from `timesteps[i]` to `prev_timesteps[i]`; `noise` is the η > 0 variance noise."""

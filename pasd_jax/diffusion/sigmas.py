@@ -170,3 +170,35 @@ def first_train_sigma(alphas_cumprod: np.ndarray) -> np.float32:
     """σ of train step 0 in float32 (the "sigma_min" final σ of the non-Karras schedules)."""
     a0 = np.float32(alphas_cumprod[0])
     return np.float32(np.sqrt((np.float32(1.0) - a0) / a0))
+
+
+# ---- traced helpers shared by the schedulers' `add_noise` ------------------------------------
+def schedule_index(timesteps, t):
+    """diffusers' `index_for_timestep` for a traced scalar `t`: the position of `t` in `timesteps`
+    (the second one when it occurs twice), or the **last** position when `t` is not in the schedule."""
+    import jax.numpy as jnp
+
+    ts = jnp.asarray(timesteps)
+    hit = ts == jnp.asarray(t, ts.dtype)
+    first = jnp.argmax(hit)
+    second = jnp.argmax(hit & (jnp.arange(ts.shape[0]) > first))
+    count = jnp.sum(hit)
+    return jnp.where(count == 0, ts.shape[0] - 1, jnp.where(count > 1, second, first))
+
+
+def add_noise_by_sigma(sigmas, timesteps, x, noise, t):
+    """UniPC / DPM-Solver `add_noise(x, noise, t)`: α·x + σ_t·noise with (α, σ_t) from the *schedule's*
+    σ at `schedule_index(timesteps, t)` (so a level outside the schedule uses the last step's σ)."""
+    import jax.numpy as jnp
+
+    sigma = jnp.take(jnp.asarray(sigmas, jnp.float32), schedule_index(timesteps, t))
+    alpha = 1.0 / jnp.sqrt(sigma * sigma + 1.0)
+    return alpha * x + (sigma * alpha) * noise
+
+
+def add_noise_by_alpha_bar(alphas_cumprod, x, noise, t):
+    """DDIM / LCM `add_noise(x, noise, t)`: sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·noise, ᾱ looked up at t."""
+    import jax.numpy as jnp
+
+    abar = jnp.take(jnp.asarray(alphas_cumprod, jnp.float32), jnp.asarray(t))
+    return jnp.sqrt(abar) * x + jnp.sqrt(1.0 - abar) * noise

@@ -186,6 +186,11 @@ class UniPC:
         zeros = jnp.zeros_like(sample)
         return UniPCState(sample, zeros, jnp.zeros((self.solver_order,) + sample.shape, jnp.float32))
 
+    def add_noise(self, x: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.ndarray:
+        """`UniPCMultistepScheduler.add_noise` (diffusers ≥ 0.25): σ of t's position in the schedule,
+        the last step's σ for a t outside it (PASD_REFERENCE §7.4)."""
+        return S.add_noise_by_sigma(self.sigmas, self.timesteps, x, noise, t)
+
     def step(self, state: UniPCState, model_output: jnp.ndarray, i, noise=None) -> tuple[UniPCState, jnp.ndarray]:
         """One `UniPCMultistepScheduler.step` at step index `i` (traced int ok) -> (state, next sample)."""
         del noise  # deterministic solver

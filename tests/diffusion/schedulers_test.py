@@ -11,6 +11,7 @@ from pasd_jax.models.configs import UnsupportedConfigError
 from tests.diffusion import trajectory as tr
 
 torch = pytest.importorskip("torch")
+import diffusers as diffusers_mod  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -68,3 +69,22 @@ def test_make_scheduler_names_and_overrides():
         scheduler_class_name("euler")
     with pytest.raises(ValueError, match="eta"):
         make_scheduler("unipc", pndm, 20, eta=0.5)
+
+
+@pytest.mark.parametrize("cls", ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler", "LCMScheduler",
+                                 "DDIMScheduler"])
+def test_add_noise_matches_diffusers(cls):
+    """Each class's own `add_noise`, including the UniPC / DPM fallback for a t outside the schedule
+    (900 with 20 steps -> the last step's σ, PASD_REFERENCE §7.4) that the reference's ANS hits."""
+    ref = getattr(diffusers_mod, cls).from_config(PASD_SD15)
+    n = 4 if cls == "LCMScheduler" else 20
+    ref.set_timesteps(n)
+    ours = make_scheduler(cls, PASD_SD15, n)
+    x, noise = tr.start(seed=11)
+    for t in (int(ref.timesteps[0]), 900, int(ref.timesteps[2])):
+        want = ref.add_noise(torch.from_numpy(x), torch.from_numpy(noise), torch.tensor([t])).numpy()
+        got = np.asarray(jax.jit(ours.add_noise)(x, noise, t))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    if cls in ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler"):  # 900 really fell back
+        last = ref.add_noise(torch.from_numpy(x), torch.from_numpy(noise), ref.timesteps[-1:]).numpy()
+        np.testing.assert_allclose(np.asarray(ours.add_noise(x, noise, 900)), last, rtol=0, atol=2e-6)
