@@ -13,7 +13,12 @@ NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-sm
 COLORIZE_NEGATIVE_PROMPT = "b&w, color bleeding"
 
 # ---- diffusion ---------------------------------------------------------------------------------
-STEPS = 20                    # DDIM steps
+STEPS = 20                    # scheduler steps
+SCHEDULER = "ddim"            # the paper's results; "unipc" is test_pasd.py's (README "Schedulers")
+SCHEDULERS = ("ddim", "unipc", "dpmpp_2m", "lcm")  # = pasd_jax.diffusion.SCHEDULER_CLASSES
+LCM_STEPS = 4                 # steps with LCM (an LCM-LoRA) unless given
+ANS_COMPAT = "closed_form"    # ANS start: closed form with ᾱ lookups; "reference": the scheduler's add_noise
+ANS_COMPATS = ("closed_form", "reference")
 GUIDANCE_SCALE = 9.0          # CFG scale; ≤ 1 skips the negative branch
 CONDITIONING_SCALE = 1.0      # ControlNet residual scale
 ADDED_NOISE_LEVEL = 900       # ANS level a (≤ 0 switches ANS off, §7.4)

@@ -1,14 +1,16 @@
-"""The compiled PASD sampler: LQ latent + ANS init, scanned DDIM with CFG and tiling, VAE decode.
+"""The compiled PASD sampler: LQ latent + ANS init, a scanned scheduler with CFG and tiling, VAE decode.
 
-Mirrors `PASDPipeline.__call__` of the reference (PASD_REFERENCE §7.3–7.6) with the DDIM scheduler:
+Mirrors `PASDPipeline.__call__` of the reference (PASD_REFERENCE §7.3–7.6); DDIM by default, or any
+scheduler of `pasd_jax.diffusion.schedulers` (UniPC, DPM-Solver++, LCM), whose multistep state is
+the scan carry:
 
     z0      = 0.18215 · (mean + std · ε1)                       VAE posterior sample of 2·lq − 1
     latents = sqrt(ᾱ_a ᾱ_t0) z0 + sqrt(ᾱ_a (1 − ᾱ_t0)) ε2 + sqrt(1 − ᾱ_a) ε3      (ANS, §7.4)
-    for t in timesteps:                                          (one `lax.scan`)
+    for i, t in enumerate(timesteps):                            (one `lax.scan`)
         x_in = [latents; latents]; text = [negative; positive]
         rgbs, down, mid = controlnet(x_in, t, text, [lq; lq], conditioning_scale)
         ε_u, ε_c = unet(x_in, t, text, down, mid)
-        latents = ddim_step(ε_u + g (ε_c − ε_u), t, latents)
+        state, latents = scheduler.step(state, ε_u + g (ε_c − ε_u), i)
     image = clip(vae.decode(latents / 0.18215) / 2 + 0.5, 0, 1)
 
 `Sampler.__call__` runs all of it inside one `jax.jit`; it is traced once per (image shape, number
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pasd_jax.diffusion.ddim import DDIMArrays, ddim_step, ddim_timesteps, prev_timestep
+from pasd_jax.diffusion.schedulers import DDIM, make_scheduler
 from pasd_jax.imaging import tiling
 from pasd_jax.sampling import defaults, tiled_vae
 
@@ -43,7 +45,12 @@ class SamplerSettings:
     """Static sampler options (part of the compilation key). Defaults: the paper's recipe
     (`pasd_jax.sampling.defaults`).
 
-    num_steps: DDIM steps. eta: DDIM η (0 = deterministic).
+    num_steps: scheduler steps. eta: DDIM η (0 = deterministic).
+    scheduler: "ddim", "unipc", "dpmpp_2m" or "lcm" (`pasd_jax.diffusion.schedulers`); its config
+      (betas, spacing, …) is the models' `scheduler_config`.
+    ans_compat: "closed_form" (ᾱ looked up at t0 and at the level, §7.4) or "reference": the two
+      `add_noise` calls of the scheduler itself, as `test_pasd.py` with diffusers ≥ 0.25 does (UniPC /
+      DPM-Solver: a level outside the schedule falls back to the last step's σ).
     guidance: run classifier-free guidance (batch [negative; positive]); the pipeline turns it off
       for guidance_scale ≤ 1, which halves the work.
     init: "ans" (LQ latent + adjustable noise, §7.4) or "noise" (pure Gaussian start).
@@ -69,8 +76,14 @@ class SamplerSettings:
     vae_decoder_tile: int = defaults.DECODER_TILE
     vae_decoder_pad: int = defaults.DECODER_PAD
     trajectory: bool = False
+    scheduler: str = defaults.SCHEDULER
+    ans_compat: str = defaults.ANS_COMPAT
 
     def __post_init__(self):
+        if self.ans_compat not in defaults.ANS_COMPATS:
+            raise ValueError(f"ans_compat must be one of {defaults.ANS_COMPATS}, got {self.ans_compat!r}")
+        if self.scheduler not in defaults.SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {defaults.SCHEDULERS}, got {self.scheduler!r}")
         if self.init not in defaults.INITS:
             raise ValueError(f"init must be 'ans' or 'noise', got {self.init!r}")
         if self.vae_tiling not in defaults.VAE_TILINGS:
@@ -85,7 +98,8 @@ class Noises(NamedTuple):
     """The Gaussian draws of one sampling run, in the reference's order (each [B, h, w, C]).
 
     vae_posterior: ε1 of the VAE posterior sample; first_timestep: ε2 (noise to t0, or the whole
-    start latent with init="noise"); added_noise_level: ε3 (ANS); step_key: key for η > 0 noise.
+    start latent with init="noise"); added_noise_level: ε3 (ANS); step_key: key of the per-step noise
+    (DDIM η > 0, LCM), folded with the step index.
     """
 
     vae_posterior: jnp.ndarray
@@ -112,8 +126,9 @@ class SampleInputs(NamedTuple):
     added_noise_level: jnp.ndarray  # scalar int32 (≤ 0: ANS off)
 
 
-def ans_init(schedule: DDIMArrays, z0, eps_t0, eps_added, t0, added_noise_level):
-    """Adjustable-noise start latent in closed form (§7.4), ᾱ looked up explicitly.
+def ans_init(schedule, z0, eps_t0, eps_added, t0, added_noise_level):
+    """Adjustable-noise start latent in closed form (§7.4), ᾱ looked up explicitly in
+    `schedule.alphas_cumprod` (any scheduler, a `DDIMArrays` or a `NoiseSchedule`).
 
     `sqrt(ᾱ_a ᾱ_t0) z0 + sqrt(ᾱ_a (1 − ᾱ_t0)) ε2 + sqrt(1 − ᾱ_a) ε3`; equals
     `add_noise(add_noise(z0, ε2, t0), ε3, a)`. A level a ≤ 0 switches ANS off (ᾱ_a = 1: plain
@@ -127,31 +142,53 @@ def ans_init(schedule: DDIMArrays, z0, eps_t0, eps_added, t0, added_noise_level)
             + jnp.sqrt(1 - ab_a) * eps_added)
 
 
+def ans_init_reference(scheduler, z0, eps_t0, eps_added, t0, added_noise_level):
+    """The reference's ANS start verbatim: `add_noise(add_noise(z0, ε2, t0), ε3, a)` with the
+    scheduler's own `add_noise` (§7.4; with UniPC / DPM-Solver a level not in the schedule uses the
+    last step's σ, as diffusers ≥ 0.25 does). A level a ≤ 0 skips the second call."""
+    x = scheduler.add_noise(z0, eps_t0, t0)
+    a = jnp.asarray(added_noise_level, jnp.int32)
+    return jnp.where(a > 0, scheduler.add_noise(x, eps_added, a), x)
+
+
 class Sampler:
     """PASD sampling for one `PASDBundle` and one `SamplerSettings` (see the module docstring).
 
     The bundle gives the networks and the schedule; its params (if any) are the default weights
     of `__call__` / `run_loop`."""
 
-    def __init__(self, models, settings: SamplerSettings = SamplerSettings(), timesteps=None):
+    def __init__(self, models, settings: SamplerSettings = SamplerSettings(), timesteps=None, scheduler=None):
         """`timesteps` (descending ints) replaces the schedule's `settings.num_steps` DDIM timesteps
-        (e.g. a golden test's); the DDIM step then goes from t to t − T // len(timesteps)."""
+        (e.g. a golden test's); the DDIM step then goes from t to t − T // len(timesteps).
+        `scheduler` (a built `pasd_jax.diffusion.schedulers` object) replaces the one `settings` names."""
         self.models = models
         self.schedule = models.schedule
-        self.arrays = DDIMArrays.from_schedule(models.schedule)
-        if timesteps is None:
-            ts, prev = ddim_timesteps(models.schedule, settings.num_steps)
-        else:
-            ts = np.asarray(timesteps, np.int32).reshape(-1)
-            settings = dataclasses.replace(settings, num_steps=len(ts))
-            prev = prev_timestep(ts, models.schedule.num_train_timesteps, len(ts)).astype(np.int32)
+        if scheduler is None:
+            scheduler = self._build_scheduler(models, settings, timesteps)
+        elif timesteps is not None:
+            raise ValueError("pass either `timesteps` or a built `scheduler`, not both")
+        self.scheduler = scheduler
+        settings = dataclasses.replace(settings, num_steps=scheduler.num_steps)
         self.settings = settings
-        self.timesteps, self.prev_timesteps = jnp.asarray(ts), jnp.asarray(prev)
+        self.timesteps = jnp.asarray(scheduler.timesteps)
         self.trace_count = 0
         self._sample = jax.jit(self._sample_impl)
         self._step = jax.jit(self.denoise_step)
         devices = jax.local_devices()
         self._mesh = Mesh(np.array(devices), ("tiles",)) if len(devices) > 1 else None
+
+    @staticmethod
+    def _build_scheduler(models, settings: SamplerSettings, timesteps):
+        """DDIM from the models' `NoiseSchedule` (optionally over explicit `timesteps`), else
+        `make_scheduler(settings.scheduler, models.scheduler_config, num_steps)`."""
+        if settings.scheduler == "ddim":
+            return DDIM.from_schedule(models.schedule, settings.num_steps, timesteps=timesteps, eta=settings.eta)
+        if timesteps is not None:
+            raise ValueError(f"explicit timesteps are only supported with DDIM, not {settings.scheduler}")
+        config = getattr(models, "scheduler_config", None)
+        if config is None:
+            raise ValueError(f"scheduler {settings.scheduler!r} needs the models' scheduler_config")
+        return make_scheduler(settings.scheduler, config, settings.num_steps, eta=settings.eta)
 
     # ---- networks -----------------------------------------------------------------------------
     def _eps(self, params, x, t, text, cond, cond_scale):
@@ -203,8 +240,8 @@ class Sampler:
             acc = acc.at[:, y:y + tile, x0:x0 + tile].add(eps_tiles[i] * w4)
         return acc / jnp.asarray(norm, jnp.float32)[None, :, :, None]
 
-    def denoise_step(self, params, latents, t, prev_t, inputs: SampleInputs, step_index):
-        """One guided DDIM step x_t -> x_{prev_t}; shared by the scan and the loop twin."""
+    def guided_eps(self, params, latents, t, inputs: SampleInputs):
+        """ControlNet + UNet noise prediction at t with CFG (and latent tiling when large)."""
         s = self.settings
         x_in, cond = latents, inputs.lq
         if s.guidance:
@@ -215,13 +252,19 @@ class Sampler:
         if s.guidance:
             eps_u, eps_c = jnp.split(eps, 2)
             eps = eps_u + inputs.guidance_scale * (eps_c - eps_u)
+        return eps
+
+    def denoise_step(self, params, state, inputs: SampleInputs, step_index):
+        """One guided scheduler step at `step_index` (traced int32): state -> (state, latents).
+
+        Shared by the scan and the loop twin; `state.sample` is what the networks see."""
+        sched = self.scheduler
+        latents = state.sample
+        eps = self.guided_eps(params, latents, jnp.take(self.timesteps, step_index), inputs)
         noise = None
-        if s.eta > 0:
+        if sched.needs_noise:
             noise = jax.random.normal(jax.random.fold_in(inputs.noises.step_key, step_index), latents.shape)
-        sched = self.schedule
-        return ddim_step(self.arrays, eps, t, prev_t, latents, eta=s.eta, variance_noise=noise,
-                         prediction_type=sched.prediction_type, clip_sample=sched.clip_sample,
-                         clip_sample_range=sched.clip_sample_range)
+        return sched.step(state, eps, step_index, noise)
 
     # ---- VAE ------------------------------------------------------------------------------------
     def _use_vae_tiling(self, needed: bool) -> bool:
@@ -256,7 +299,10 @@ class Sampler:
         if self.settings.init == "noise":
             return None, nz.first_timestep
         z0 = self.encode(params, inputs.lq, nz.vae_posterior)
-        return z0, ans_init(self.arrays, z0, nz.first_timestep, nz.added_noise_level, self.timesteps[0],
+        if self.settings.ans_compat == "reference":
+            return z0, ans_init_reference(self.scheduler, z0, nz.first_timestep, nz.added_noise_level,
+                                          self.timesteps[0], inputs.added_noise_level)
+        return z0, ans_init(self.scheduler, z0, nz.first_timestep, nz.added_noise_level, self.timesteps[0],
                             inputs.added_noise_level)
 
     # ---- whole runs -----------------------------------------------------------------------------
@@ -264,13 +310,13 @@ class Sampler:
         self.trace_count += 1  # Python side effect: runs once per trace (= per compilation)
         z0, latents = self.init_latents(params, inputs)
 
-        def body(lat, xs):
-            t, prev_t, i = xs
-            lat = self.denoise_step(params, lat, t, prev_t, inputs, i)
-            return lat, (lat if self.settings.trajectory else None)
+        def body(state, i):
+            state, lat = self.denoise_step(params, state, inputs, i)
+            return state, (lat if self.settings.trajectory else None)
 
         steps = jnp.arange(self.settings.num_steps, dtype=jnp.int32)
-        final, traj = jax.lax.scan(body, latents, (self.timesteps, self.prev_timesteps, steps))
+        state, traj = jax.lax.scan(body, self.scheduler.init_state(latents), steps)
+        final = state.sample
         decoded = self.decode(params, final)
         out = {"init_latents": latents, "final_latents": final, "decoded": decoded,
                "image": jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)}
@@ -290,8 +336,9 @@ class Sampler:
         params = self.models.params if params is None else params
         z0, latents = jax.jit(self.init_latents)(params, inputs)
         init, traj = latents, []
+        state = self.scheduler.init_state(latents)
         for i in range(self.settings.num_steps):
-            latents = self._step(params, latents, self.timesteps[i], self.prev_timesteps[i], inputs, jnp.int32(i))
+            state, latents = self._step(params, state, inputs, jnp.int32(i))
             traj.append(latents)
         decoded = jax.jit(self.decode)(params, latents)
         out = {"init_latents": init, "final_latents": latents,

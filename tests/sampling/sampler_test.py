@@ -71,13 +71,13 @@ def test_ans_closed_form_matches_two_add_noise_calls(models, sampler):
     z0, e2, e3 = (jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32) for _ in range(3))
     t0 = int(sampler.timesteps[0])
     want = sched.add_noise(sched.add_noise(z0, e2, t0), e3, 900)
-    got = ans_init(sampler.arrays, z0, e2, e3, t0, 900)
+    got = ans_init(sampler.scheduler, z0, e2, e3, t0, 900)
     np.testing.assert_allclose(got, want, atol=2e-6)
-    off = ans_init(sampler.arrays, z0, e2, e3, t0, 0)  # level 0: ANS off
+    off = ans_init(sampler.scheduler, z0, e2, e3, t0, 0)  # level 0: ANS off
     np.testing.assert_allclose(off, sched.add_noise(z0, e2, t0), atol=2e-6)
     # the signal coefficient of §7.4: sqrt(ᾱ_900 · ᾱ_t0)
     coef = np.sqrt(sched.alphas_cumprod[900] * sched.alphas_cumprod[t0])
-    np.testing.assert_allclose(ans_init(sampler.arrays, z0, 0 * e2, 0 * e3, t0, 900), coef * z0, rtol=1e-5)
+    np.testing.assert_allclose(ans_init(sampler.scheduler, z0, 0 * e2, 0 * e3, t0, 900), coef * z0, rtol=1e-5)
 
 
 def test_tiled_prediction_matches_numpy_blend_oracle(models):
