@@ -28,7 +28,9 @@ class PASDBundle:
 
     family: the UNet family ("pasd" / "pasd_light"; "stock" for a plain SD benchmark UNet).
     source: where it came from (a folder, "training", "random"). smoke: True for the tiny
-    built-in model (random weights).
+    built-in model (random weights). scheduler_config: the raw diffusers scheduler config every
+    sampler scheduler is built from (`pasd_jax.diffusion.make_scheduler`; None: DDIM from
+    `schedule` only). default_scheduler: the CLI name of the scheduler the folders ask for.
     """
 
     unet: Any
@@ -41,6 +43,8 @@ class PASDBundle:
     family: str = ""
     source: str = ""
     smoke: bool = False
+    scheduler_config: Optional[dict] = None
+    default_scheduler: str = "ddim"
 
     @property
     def latent_downscale(self) -> int:
