@@ -7,9 +7,14 @@ SD1.5 base (PASD_REFERENCE §6, §7.1). Here every part is a converted folder (`
 * `ckpt`: a converted PASD checkpoint (`unet/` with PACA or `_plus` weights, `controlnet/`), or a
   whole converted PASD pipeline that also holds `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`;
 * `base` (optional): a name registered with `python -m convert base` or a converted pipeline path.
-  With a base, every stock UNet weight, the VAE, the text encoder, the tokenizer and the scheduler
-  come from the base; PASD's PACA / `_plus` weights and the whole ControlNet stay from `ckpt`
+  With a base, every stock UNet weight, the VAE, the text encoder, the tokenizer (and the scheduler
+  unless `ckpt` has one) come from the base; PASD's PACA / `_plus` weights and the ControlNet stay from `ckpt`
   (`pasd_jax.assembly.home.merge_base_unet`).
+
+Scheduler: the config of `ckpt/scheduler/` (a PASD checkpoint that ships its own, like the
+colorization model) or else the base's; its `_class_name` picks the default sampler when it is one
+we implement (DDIM, UniPC, DPM-Solver++, LCM), otherwise DDIM. An LCM-LoRA (`lcm_lora=`) is fused
+into the stock UNet weights (PACA / `*_plus` and the ControlNet untouched) and makes LCM the default.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pasd_jax.assembly import defaults, home, registry, weights
 from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.assembly.tokenizer import load_tokenizer
 from pasd_jax.diffusion.schedule import NoiseSchedule, load_scheduler_config
+from pasd_jax.diffusion.schedulers import SCHEDULER_CLASSES
 
 
 def _find_part(name: str, *folders: Optional[pathlib.Path]) -> pathlib.Path:
@@ -45,9 +51,39 @@ def _read_manifest(folder: pathlib.Path) -> dict:
         return json.load(f)
 
 
+def default_scheduler_name(scheduler_config: dict) -> str:
+    """CLI name of the config's `_class_name` when implemented (e.g. "unipc"), else "ddim"."""
+    by_class = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
+    return by_class.get(scheduler_config.get("_class_name"), "ddim")
+
+
+def fuse_lcm_lora(unet_params: dict, text_params: dict, unet_cfg: dict, path: str | os.PathLike):
+    """Fuse a LoRA file (diffusers/PEFT or kohya keys, `convert.lora`) at multiplier 1 into the UNet's stock
+    weights (PACA / `*_plus` leaves are never touched) and the text encoder. Every LoRA module must
+    find its layer. Returns (unet_params, text_params)."""
+    from convert import lora
+    from convert.mapping import flatten_tree, unflatten_tree
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--lcm-lora: no such file {path}")
+    try:
+        loras = lora.LoraSet.load([(os.fspath(path), 1.0)])
+        flat = flatten_tree(unet_params)
+        stock = unflatten_tree({k: v for k, v in flat.items() if not home.is_pasd_only(k)})
+        merged = flatten_tree(loras.merge("unet", stock, unet_cfg))
+        text_params = loras.merge("text_encoder", text_params)
+    except lora.LoraError as err:
+        raise ValueError(f"--lcm-lora {path}: {err}") from None
+    unmatched = loras.unmatched()
+    if unmatched:
+        raise ValueError(f"--lcm-lora {path}: {len(unmatched)} LoRA modules match no layer of the UNet or text "
+                         f"encoder (a LoRA for another SD version?): {', '.join(unmatched[:5])}")
+    return unflatten_tree({k: merged.get(k, v) for k, v in flat.items()}), text_params
+
+
 def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, *,
                 scheduler: str | os.PathLike | None = None, dtype=jnp.float32,
-                scheduler_overrides: Optional[dict] = None) -> PASDBundle:
+                scheduler_overrides: Optional[dict] = None, lcm_lora: str | os.PathLike | None = None) -> PASDBundle:
     """Load a converted PASD checkpoint (+ optional base) for sampling.
 
     Args:
@@ -56,6 +92,7 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
         weights. Without it they must be in `ckpt`.
       scheduler: a scheduler config file/folder overriding the one in base/ckpt (default:
         `assembly.defaults.SCHEDULER`, SD1.5's DDIM settings, when none is found).
+      lcm_lora: an LCM-LoRA file fused into the UNet (after any base swap); makes "lcm" the default.
       dtype: compute dtype of UNet and ControlNet (params stay float32); VAE and text encoder
         compute in float32 (STYLE §2.3).
     Raises FileNotFoundError / ValueError with the folder and the problem named.
@@ -79,9 +116,13 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
     text_cfg, text_params = weights.load_converted(_find_part("text_encoder", *part_dirs))
     tokenizer = load_tokenizer(_find_part("tokenizer", *part_dirs))
 
+    if lcm_lora is not None:
+        unet_params, text_params = fuse_lcm_lora(unet_params, text_params, unet_cfg, lcm_lora)
+
     sched_src = scheduler
-    if sched_src is None:
-        found = [d / "scheduler" for d in part_dirs if (d / "scheduler" / "scheduler_config.json").is_file()]
+    if sched_src is None:  # the checkpoint's own scheduler/ first, then the base's
+        found = [d / "scheduler" for d in (ckpt, base_dir)
+                 if d is not None and (d / "scheduler" / "scheduler_config.json").is_file()]
         sched_src = found[0] if found else None
     sched_cfg = load_scheduler_config(sched_src) if sched_src is not None else {}
     if not sched_cfg:
@@ -107,5 +148,7 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
                          f"(an SD1 base with an SD2 PASD checkpoint, or the reverse?)")
     params = jax.device_put(raw)
     smoke = bool(_read_manifest(ckpt).get("smoke_model"))
+    default = "lcm" if lcm_lora is not None else default_scheduler_name(sched_cfg)
     return PASDBundle(params=params, tokenizer=tokenizer, schedule=schedule, family=family,
-                      source=str(ckpt), smoke=smoke, **modules)
+                      source=str(ckpt), smoke=smoke, scheduler_config=dict(sched_cfg), default_scheduler=default,
+                      **modules)

@@ -2,6 +2,8 @@
 
     python sample.py --ckpt converted/pasd --base majicmix --input photos/ --output out/
     python sample.py --demo --output demo_out        # tiny built-in smoke model, generated image
+    python sample.py --ckpt converted/pasd --base sd15 --lcm-lora lcm-lora-sdv1-5.safetensors \
+        --guidance-scale 1.5 --input photos/ --output out/   # LCM-LoRA: LCM scheduler, 4 steps
 
 Behaviour a batch user can rely on: outputs are `<output>/<input stem>.png` (or `--output x.png`
 for a single input file); existing outputs are never replaced without `--overwrite` (checked before
@@ -13,6 +15,7 @@ sidecar `<image>.txt` is that image's prompt; a progress bar shows per-image tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -36,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", help="converted PASD checkpoint folder (python -m convert runs/pasd/checkpoint-N DST)")
     g.add_argument("--base", help="SD base: a name from `python -m convert list` or a converted pipeline folder; "
                                   "supplies the stock UNet weights, VAE, text encoder, tokenizer, scheduler")
-    g.add_argument("--scheduler", help="scheduler_config.json (file or folder) overriding the base's")
+    g.add_argument("--scheduler-config", help="scheduler_config.json (file or folder) overriding the checkpoint's "
+                                              "and the base's (betas, spacing, prediction type)")
+    g.add_argument("--lcm-lora", metavar="FILE", help="fuse this LCM-LoRA (diffusers/PEFT or kohya .safetensors) "
+                                                      "into the UNet and sample with LCM (default 4 steps)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of UNet and ControlNet (weights stay float32)")
     g.add_argument("--demo", action="store_true", help="run on a generated image with the tiny built-in SMOKE model")
@@ -49,13 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="", help="prompt for every image (joined with a sidecar <image>.txt)")
     g.add_argument("--added-prompt", default=defaults.ADDED_PROMPT, help="appended to every prompt (default: %(default)r)")
     g.add_argument("--negative-prompt", default=None, help="default: the paper's (colorize: 'b&w, color bleeding')")
-    g.add_argument("--steps", type=int, default=defaults.STEPS, help="DDIM steps (default %(default)s)")
+    g.add_argument("--scheduler", choices=defaults.SCHEDULERS, default=None,
+                   help="sampler (default: the checkpoint's or base's scheduler_config.json _class_name when "
+                        "implemented, else ddim; lcm with --lcm-lora). The reference test_pasd.py uses unipc")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"scheduler steps (default {defaults.STEPS}; {defaults.LCM_STEPS} with lcm)")
     g.add_argument("--guidance-scale", type=float, default=defaults.GUIDANCE_SCALE, help="CFG scale; ≤ 1 skips the negative branch")
     g.add_argument("--conditioning-scale", type=float, default=defaults.CONDITIONING_SCALE, help="ControlNet residual scale")
     g.add_argument("--added-noise-level", type=int, default=defaults.ADDED_NOISE_LEVEL, help="ANS level a (0 turns ANS off)")
     g.add_argument("--no-ans", action="store_true", help="same as --added-noise-level 0")
     g.add_argument("--init-with-noise", action="store_true", help="start from pure noise instead of the LQ latent")
     g.add_argument("--eta", type=float, default=defaults.ETA, help="DDIM eta")
+    g.add_argument("--ans-compat", choices=defaults.ANS_COMPATS, default=defaults.ANS_COMPAT,
+                   help="ANS start: the paper's closed form (default), or the scheduler's own add_noise as "
+                        "test_pasd.py does (UniPC: a level outside the schedule uses the last step)")
     g.add_argument("--seed", type=int, default=defaults.SEED, help="random seed (same seed, same output)")
     g = p.add_argument_group("image processing")
     g.add_argument("--mode", choices=defaults.MODES, default=defaults.MODE, help="realisr, or colorize (grayscale inputs)")
@@ -109,12 +122,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail("--input and --output are required")
     try:
         options = RestoreOptions(
-            steps=args.steps, guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
+            steps=defaults.STEPS if args.steps is None else args.steps,
+            guidance_scale=args.guidance_scale, conditioning_scale=args.conditioning_scale,
             added_noise_level=0 if args.no_ans else args.added_noise_level,
             init="noise" if args.init_with_noise else "ans", eta=args.eta, upscale=args.upscale,
             process_size=args.process_size, color_fix=args.color_fix, mode=args.mode, added_prompt=args.added_prompt,
             negative_prompt=args.negative_prompt, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-            tiles_per_call=args.tiles_per_call, vae_tiling=args.vae_tiling)
+            tiles_per_call=args.tiles_per_call, vae_tiling=args.vae_tiling, scheduler=args.scheduler,
+            ans_compat=args.ans_compat)
     except ValueError as err:
         return _fail(str(err))
 
@@ -139,14 +154,22 @@ def _run(args, options: RestoreOptions, todo, skipped: int) -> int:
         if args.demo:
             models = load_models(demo.demo_model_dir())
         else:
-            models = load_models(args.ckpt, args.base, scheduler=args.scheduler,
+            models = load_models(args.ckpt, args.base, scheduler=args.scheduler_config, lcm_lora=args.lcm_lora,
                                  dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    scheduler = options.scheduler or models.default_scheduler
+    if args.steps is None and scheduler == "lcm":
+        options = dataclasses.replace(options, steps=defaults.LCM_STEPS)
     print(f"loaded {models.family} PASD from {models.source} in {time.perf_counter() - t0:.1f} s"
-          + (" (SMOKE MODEL, random weights)" if models.smoke else ""), file=sys.stderr)
-    restorer = Restorer(models, options)
+          + (" (SMOKE MODEL, random weights)" if models.smoke else "")
+          + f"; {scheduler}, {options.steps} steps", file=sys.stderr)
+    try:
+        restorer = Restorer(models, options)
+    except ValueError as err:  # e.g. --eta with a non-DDIM scheduler, an unsupported scheduler config
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     done, failed, times = 0, [], []
     bar = tqdm(todo, unit="img", file=sys.stderr, disable=not todo)
     for src, dst in bar:

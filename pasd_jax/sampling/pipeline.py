@@ -5,8 +5,9 @@ Per image (PASD_REFERENCE §7.1–7.8):
    of 8; colorization mode converts to gray and keeps the original luma;
 2. prompts: the image's prompt (CLI `--prompt` or a sidecar `<image>.txt`) + the added prompt;
    negative prompt; both CLIP-encoded (negative first, §7.3);
-3. the compiled `Sampler` (ANS init, scanned DDIM + CFG, tiling, VAE decode), noises drawn from
-   the seed, so a seed gives the same image on every run;
+3. the compiled `Sampler` (ANS init, scanned scheduler + CFG, tiling, VAE decode), noises drawn
+   from the seed, so a seed gives the same image on every run; the scheduler is the options' or
+   the models' default (DDIM unless the checkpoint/base config names UniPC, DPM-Solver++ or LCM);
 4. colour fix (`wavelet` default, `adain`, `none`) against the pre-processed LQ, resize back to
    `original × upscale`; colorization merges the output's chroma with the original luma.
 
@@ -34,7 +35,11 @@ _COLOR_FIXES = {"wavelet": jax.jit(color_fix.wavelet_color_fix), "adain": jax.ji
 
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
-    """User-facing settings; defaults are the released-model recipe (§7.1) with DDIM."""
+    """User-facing settings; defaults are the released-model recipe (§7.1) with DDIM.
+
+    scheduler: "ddim", "unipc", "dpmpp_2m", "lcm", or None for the models' `default_scheduler`.
+    ans_compat: "closed_form" or "reference" (see `SamplerSettings`).
+    """
 
     steps: int = defaults.STEPS
     guidance_scale: float = defaults.GUIDANCE_SCALE
@@ -52,6 +57,8 @@ class RestoreOptions:
     tile_overlap: int = defaults.TILE_OVERLAP
     tiles_per_call: int = defaults.TILES_PER_CALL
     vae_tiling: str = defaults.VAE_TILING
+    scheduler: Optional[str] = None                      # None: the models' default_scheduler
+    ans_compat: str = defaults.ANS_COMPAT
 
     def __post_init__(self):
         if self.color_fix not in defaults.COLOR_FIXES:
@@ -67,10 +74,11 @@ class RestoreOptions:
             return self.negative_prompt
         return defaults.COLORIZE_NEGATIVE_PROMPT if self.mode == "colorize" else defaults.NEGATIVE_PROMPT
 
-    def sampler_settings(self) -> SamplerSettings:
+    def sampler_settings(self, default_scheduler: str = "ddim") -> SamplerSettings:
         return SamplerSettings(num_steps=self.steps, eta=self.eta, guidance=self.guidance_scale > 1.0,
                                init=self.init, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
-                               tiles_per_call=self.tiles_per_call, vae_tiling=self.vae_tiling)
+                               tiles_per_call=self.tiles_per_call, vae_tiling=self.vae_tiling,
+                               scheduler=self.scheduler or default_scheduler, ans_compat=self.ans_compat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,7 @@ class Restorer:
     def __init__(self, models, options: RestoreOptions = RestoreOptions()):
         self.models = models
         self.options = options
-        self.sampler = Sampler(models, options.sampler_settings())
+        self.sampler = Sampler(models, options.sampler_settings(getattr(models, "default_scheduler", "ddim")))
         te = models.text_encoder
         self._encode_text = jax.jit(lambda p, ids: te.apply({"params": p}, ids, method=te.encode))
         self._negative_emb = None
