@@ -238,3 +238,28 @@ class LoraSet:
 
     def describe(self) -> str:
         return ", ".join(f"{os.path.basename(f.path)} ×{f.multiplier:g} ({len(f.modules)} modules)" for f in self.files)
+
+
+def fuse_lora_file(path: str | os.PathLike, unet_params: Mapping, text_params: Mapping,
+                   unet_config: Mapping[str, Any] | None = None, multiplier: float = 1.0) -> tuple[dict, dict]:
+    """Fuse one LoRA file into a PASD UNet's *stock* weights and the text encoder (sample.py --lcm-lora).
+
+    PACA / `*_plus` leaves (`pasd_jax.assembly.home.is_pasd_only`) are never touched, whatever the
+    file names; every LoRA module must find its layer. Returns (unet_params, text_params);
+    raises LoraError naming the file and the problem.
+    """
+    from pasd_jax.assembly.home import is_pasd_only
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LoraError(f"{path}: no such LoRA file")
+    loras = LoraSet.load([(path, multiplier)])
+    flat = paths.flatten(unet_params)
+    stock = paths.unflatten({k: v for k, v in flat.items() if not is_pasd_only(k)})
+    merged = paths.flatten(loras.merge("unet", stock, unet_config))
+    text_params = loras.merge("text_encoder", text_params)
+    unmatched = loras.unmatched()
+    if unmatched:
+        raise LoraError(f"{path}: {len(unmatched)} LoRA modules match no layer of the UNet or text encoder (a LoRA "
+                        f"for another SD version?): {', '.join(unmatched[:5])}")
+    return paths.unflatten({k: merged.get(k, v) for k, v in flat.items()}), text_params

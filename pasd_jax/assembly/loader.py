@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,33 +57,10 @@ def default_scheduler_name(scheduler_config: dict) -> str:
     return by_class.get(scheduler_config.get("_class_name"), "ddim")
 
 
-def fuse_lcm_lora(unet_params: dict, text_params: dict, unet_cfg: dict, path: str | os.PathLike):
-    """Fuse a LoRA file (diffusers/PEFT or kohya keys, `convert.lora`) at multiplier 1 into the UNet's stock
-    weights (PACA / `*_plus` leaves are never touched) and the text encoder. Every LoRA module must
-    find its layer. Returns (unet_params, text_params)."""
-    from convert import lora
-    from convert.mapping import flatten_tree, unflatten_tree
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--lcm-lora: no such file {path}")
-    try:
-        loras = lora.LoraSet.load([(os.fspath(path), 1.0)])
-        flat = flatten_tree(unet_params)
-        stock = unflatten_tree({k: v for k, v in flat.items() if not home.is_pasd_only(k)})
-        merged = flatten_tree(loras.merge("unet", stock, unet_cfg))
-        text_params = loras.merge("text_encoder", text_params)
-    except lora.LoraError as err:
-        raise ValueError(f"--lcm-lora {path}: {err}") from None
-    unmatched = loras.unmatched()
-    if unmatched:
-        raise ValueError(f"--lcm-lora {path}: {len(unmatched)} LoRA modules match no layer of the UNet or text "
-                         f"encoder (a LoRA for another SD version?): {', '.join(unmatched[:5])}")
-    return unflatten_tree({k: merged.get(k, v) for k, v in flat.items()}), text_params
-
-
 def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, *,
                 scheduler: str | os.PathLike | None = None, dtype=jnp.float32,
-                scheduler_overrides: Optional[dict] = None, lcm_lora: str | os.PathLike | None = None) -> PASDBundle:
+                scheduler_overrides: Optional[dict] = None, lcm_lora: str | os.PathLike | None = None,
+                lora_fuser: Optional[Callable] = None) -> PASDBundle:
     """Load a converted PASD checkpoint (+ optional base) for sampling.
 
     Args:
@@ -93,6 +70,9 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
       scheduler: a scheduler config file/folder overriding the one in base/ckpt (default:
         `assembly.defaults.SCHEDULER`, SD1.5's DDIM settings, when none is found).
       lcm_lora: an LCM-LoRA file fused into the UNet (after any base swap); makes "lcm" the default.
+      lora_fuser: `(path, unet_params, text_params, unet_config) -> (unet_params, text_params)` that does
+        the fusing — `convert.lora.fuse_lora_file`, handed in by `sample.py` because `pasd_jax` never
+        imports `convert` (README "Layout").
       dtype: compute dtype of UNet and ControlNet (params stay float32); VAE and text encoder
         compute in float32 (STYLE §2.3).
     Raises FileNotFoundError / ValueError with the folder and the problem named.
@@ -117,7 +97,13 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
     tokenizer = load_tokenizer(_find_part("tokenizer", *part_dirs))
 
     if lcm_lora is not None:
-        unet_params, text_params = fuse_lcm_lora(unet_params, text_params, unet_cfg, lcm_lora)
+        if lora_fuser is None:
+            raise ValueError("--lcm-lora needs the converter's LoRA reader: run sample.py (it passes "
+                             "convert.lora.fuse_lora_file), or merge it first with python -m convert --lora")
+        try:
+            unet_params, text_params = lora_fuser(lcm_lora, unet_params, text_params, unet_cfg)
+        except ValueError as err:  # convert.lora.LoraError
+            raise ValueError(f"--lcm-lora: {err}") from None
 
     sched_src = scheduler
     if sched_src is None:  # the checkpoint's own scheduler/ first, then the base's

@@ -108,7 +108,8 @@ def read_prompt(path: pathlib.Path, cli_prompt: str) -> str:
     return join_prompt(caption, cli_prompt)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, *, lora_fuser=None) -> int:
+    """Run sample.py; `lora_fuser` (`convert.lora.fuse_lora_file`, given by sample.py) enables --lcm-lora."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
@@ -145,17 +146,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         print(f"error: output exists: {shown}; pass --overwrite to replace or --skip-existing to keep", file=sys.stderr)
         return 1
-    return _run(args, options, todo, skipped)
+    return _run(args, options, todo, skipped, lora_fuser)
 
 
-def _run(args, options: RestoreOptions, todo, skipped: int) -> int:
+def _run(args, options: RestoreOptions, todo, skipped: int, lora_fuser=None) -> int:
     t0 = time.perf_counter()
     try:
         if args.demo:
             models = load_models(demo.demo_model_dir())
         else:
             models = load_models(args.ckpt, args.base, scheduler=args.scheduler_config, lcm_lora=args.lcm_lora,
-                                 dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+                                 lora_fuser=lora_fuser, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from pasd_jax import golden
+from golden import harness as golden
 from tests.conftest import FIXTURES, REFERENCE
 from tests.imaging.color_fix_test import _t_adain_fix, _t_wavelet_fix
 from tests.torch_oracle import nchw, nhwc, randomize_norms

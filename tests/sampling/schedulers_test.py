@@ -12,11 +12,14 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from convert.mapping import flatten_tree, torch_module_name
-from pasd_jax.models import tiny
-from pasd_jax.models.home import is_pasd_only
+from convert.lora import fuse_lora_file
+from convert.mapping import torch_module_name
+from pasd_jax.assembly import defaults
+from pasd_jax.assembly.home import is_pasd_only
+from pasd_jax.assembly.loader import load_models
+from pasd_jax.assembly.paths import flatten as flatten_tree
+from pasd_jax.fixtures import tiny
 from pasd_jax.sampling import cli
-from pasd_jax.sampling.loader import load_models
 from pasd_jax.sampling.pipeline import Restorer, RestoreOptions
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, ans_init, latent_shape, make_inputs
 
@@ -44,7 +47,7 @@ def _inputs(models, seed=0, level=900):
 
 def _write_scheduler(folder, cls, **extra):
     (folder / "scheduler").mkdir(exist_ok=True)
-    cfg = dict(tiny.SD15_SCHEDULER, _class_name=cls, **extra)
+    cfg = dict(defaults.SCHEDULER, _class_name=cls, **extra)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
 
 
@@ -119,7 +122,9 @@ def _tiny_lora(models, path, rank=2, seed=0):
 def test_lcm_lora_fuses_into_stock_unet_only(ckpt, models, tmp_path):
     lora = tmp_path / "lcm_lora.safetensors"
     targets = _tiny_lora(models, lora)
-    fused = load_models(ckpt, lcm_lora=lora)
+    fused = load_models(ckpt, lcm_lora=lora, lora_fuser=fuse_lora_file)
+    with pytest.raises(ValueError, match="sample.py"):  # pasd_jax alone cannot read LoRA files
+        load_models(ckpt, lcm_lora=lora)
     assert fused.default_scheduler == "lcm"
     before = flatten_tree(jax.device_get(models.params["unet"]))
     after = flatten_tree(jax.device_get(fused.params["unet"]))
@@ -134,7 +139,7 @@ def test_lcm_lora_fuses_into_stock_unet_only(ckpt, models, tmp_path):
     save_file({"lora_unet_nope_proj.lora_down.weight": np.zeros((2, 4), np.float32),
                "lora_unet_nope_proj.lora_up.weight": np.zeros((4, 2), np.float32)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="match no layer"):
-        load_models(ckpt, lcm_lora=tmp_path / "bad.safetensors")
+        load_models(ckpt, lcm_lora=tmp_path / "bad.safetensors", lora_fuser=fuse_lora_file)
 
 
 def test_unipc_restorer_compiles_once_per_size(models):
@@ -157,7 +162,7 @@ def test_cli_scheduler_and_lcm_lora(ckpt, models, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["a.png", "b.png"]
     lora = tmp_path / "lcm_lora.safetensors"
     _tiny_lora(models, lora)
-    assert cli.main(base + ["--output", str(tmp_path / "l"), "--lcm-lora", str(lora)]) == 0
+    assert cli.main(base + ["--output", str(tmp_path / "l"), "--lcm-lora", str(lora)], lora_fuser=fuse_lora_file) == 0
     assert "lcm, 4 steps" in capsys.readouterr().err
     assert cli.main(base + ["--output", str(tmp_path / "e"), "--scheduler", "unipc", "--eta", "0.5"]) == 1
     assert "eta" in capsys.readouterr().err
