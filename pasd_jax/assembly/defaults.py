@@ -12,5 +12,8 @@ from __future__ import annotations
 SCHEDULER = {
     "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-    "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
+    "prediction_type": "epsilon", "trained_betas": None,
 }
+# No "timestep_spacing" key, as in SD1.5's own scheduler_config.json: DDIM's default is "leading"
+# anyway, and a UniPC / DPM-Solver built from this config (sample.py --scheduler) then keeps its
+# class default "linspace" — test_pasd.py's UniPC timesteps 999, 949, …, 50 (PASD_REFERENCE §7.1).

@@ -135,6 +135,14 @@ def test_lcm_lora_fuses_into_stock_unet_only(ckpt, models, tmp_path):
         same = jax.tree_util.tree_map(np.array_equal, jax.device_get(models.params[part]),
                                       jax.device_get(fused.params[part]))
         assert all(jax.tree_util.tree_leaves(same)), part
+    # with a base swap the LoRA lands on the base's stock weights: same delta, PACA still the checkpoint's
+    base_dir = tiny.make_tiny_pipeline(tmp_path / "base", seed=5, levels=2)
+    base = flatten_tree(jax.device_get(load_models(base_dir).params["unet"]))
+    swapped = flatten_tree(jax.device_get(load_models(ckpt, base_dir, lcm_lora=lora,
+                                                      lora_fuser=fuse_lora_file).params["unet"]))
+    for p in targets:
+        np.testing.assert_allclose(swapped[p] - base[p], after[p] - before[p], atol=1e-6)
+    assert all(np.array_equal(swapped[p], before[p]) for p in before if is_pasd_only(p))
     # a LoRA for layers this UNet does not have is an error, not a silent no-op
     save_file({"lora_unet_nope_proj.lora_down.weight": np.zeros((2, 4), np.float32),
                "lora_unet_nope_proj.lora_up.weight": np.zeros((4, 2), np.float32)}, str(tmp_path / "bad.safetensors"))
