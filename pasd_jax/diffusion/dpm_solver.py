@@ -185,5 +185,5 @@ def _timesteps_and_sigmas(cfg: Mapping[str, Any], ac: np.ndarray, n: int) -> tup
         ts = ts.astype(np.int64)
     else:
         sig = np.interp(ts, np.arange(0, len(train)), train)
-    last = S.final_sigma(cfg["final_sigmas_type"], ac, S.first_train_sigma(ac))
+    last = S.final_sigma(cfg["final_sigmas_type"], S.first_train_sigma(ac))
     return ts, np.concatenate([sig, [last]]).astype(np.float32)

@@ -7,7 +7,8 @@ whose last point is dropped, Karras σ (ρ = 7) with the σ → t inversion on l
 ("zero" or "sigma_min"). Everything here runs once per (config, N) on the host. The per-step solver
 coefficients are evaluated in float32 with the same operations as diffusers' torch scalars (the
 float32 log-SNR differences h carry ~1e-6 relative rounding that a float64 evaluation would not
-reproduce), so trajectories agree to a few float32 ulp.
+reproduce), so trajectories agree to a few float32 ulp. At the end: the traced `add_noise` helpers
+the schedulers share (diffusers' schedule-index lookup with its last-step fallback).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from pasd_jax.diffusion.schedule import PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule
@@ -157,7 +159,7 @@ def conversion_coefficients(prediction_type: str, alpha: np.ndarray, sigma: np.n
     return np.stack(table[(bool(to_x0), prediction_type)], axis=-1).astype(np.float32)
 
 
-def final_sigma(kind: str, alphas_cumprod: np.ndarray, last_sigma: float) -> float:
+def final_sigma(kind: str, last_sigma: float) -> float:
     """σ after the last step: 0 ("zero") or σ_min ("sigma_min": `last_sigma`, the caller's choice)."""
     if kind == "zero":
         return 0.0
@@ -176,8 +178,6 @@ def first_train_sigma(alphas_cumprod: np.ndarray) -> np.float32:
 def schedule_index(timesteps, t):
     """diffusers' `index_for_timestep` for a traced scalar `t`: the position of `t` in `timesteps`
     (the second one when it occurs twice), or the **last** position when `t` is not in the schedule."""
-    import jax.numpy as jnp
-
     ts = jnp.asarray(timesteps)
     hit = ts == jnp.asarray(t, ts.dtype)
     first = jnp.argmax(hit)
@@ -189,8 +189,6 @@ def schedule_index(timesteps, t):
 def add_noise_by_sigma(sigmas, timesteps, x, noise, t):
     """UniPC / DPM-Solver `add_noise(x, noise, t)`: α·x + σ_t·noise with (α, σ_t) from the *schedule's*
     σ at `schedule_index(timesteps, t)` (so a level outside the schedule uses the last step's σ)."""
-    import jax.numpy as jnp
-
     sigma = jnp.take(jnp.asarray(sigmas, jnp.float32), schedule_index(timesteps, t))
     alpha = 1.0 / jnp.sqrt(sigma * sigma + 1.0)
     return alpha * x + (sigma * alpha) * noise
@@ -198,7 +196,5 @@ def add_noise_by_sigma(sigmas, timesteps, x, noise, t):
 
 def add_noise_by_alpha_bar(alphas_cumprod, x, noise, t):
     """DDIM / LCM `add_noise(x, noise, t)`: sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·noise, ᾱ looked up at t."""
-    import jax.numpy as jnp
-
     abar = jnp.take(jnp.asarray(alphas_cumprod, jnp.float32), jnp.asarray(t))
     return jnp.sqrt(abar) * x + jnp.sqrt(1.0 - abar) * noise

@@ -146,7 +146,8 @@ class UniPC:
         order, n = int(cfg["solver_order"]), int(num_steps)
         if order < 1 or n < 1:
             raise ValueError(f"{CLASS_NAME}: solver_order and num_steps must be ≥ 1, got {order}, {n}")
-        ts, sig_all = _timesteps_and_sigmas(cfg, n)
+        ac = S.train_alphas_cumprod(cfg, zero_snr_floor=True)
+        ts, sig_all = _timesteps_and_sigmas(cfg, ac, n)
         alpha, sig = S.alpha_sigma(sig_all)
         lam = S.log_snr(alpha, sig)
         predict_x0 = bool(cfg["predict_x0"])
@@ -176,7 +177,7 @@ class UniPC:
             _check_finite(i, "predictor", pred[i], pred_rho[i], pred_rk[i])
             prev_order = this_order
         conv = S.conversion_coefficients(cfg["prediction_type"], alpha[:n], sig[:n], predict_x0)
-        return cls(timesteps=ts.astype(np.int32), sigmas=sig_all, alphas_cumprod=S.train_alphas_cumprod(cfg, True),
+        return cls(timesteps=ts.astype(np.int32), sigmas=sig_all, alphas_cumprod=ac,
                    conv=conv, use_corrector=use_corr, corr=corr, corr_rho=corr_rho, corr_rk=corr_rk, pred=pred,
                    pred_rho=pred_rho, pred_rk=pred_rk, solver_order=order)
 
@@ -226,9 +227,8 @@ def _check_finite(i: int, what: str, abg, rho, rk) -> None:
             "lower_order_final=True, or final_sigmas_type='sigma_min'")
 
 
-def _timesteps_and_sigmas(cfg: Mapping[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+def _timesteps_and_sigmas(cfg: Mapping[str, Any], ac: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(int64 timesteps `[n]`, float32 σ `[n+1]`) of `UniPCMultistepScheduler.set_timesteps(n)`."""
-    ac = S.train_alphas_cumprod(cfg, zero_snr_floor=True)
     train = S.train_sigmas(ac)
     T = int(cfg["num_train_timesteps"])
     ts = S.spaced_timesteps(cfg["timestep_spacing"], T, n, int(cfg["steps_offset"]))
@@ -236,8 +236,8 @@ def _timesteps_and_sigmas(cfg: Mapping[str, Any], n: int) -> tuple[np.ndarray, n
         log_sigmas = np.log(train)
         sig = S.karras_sigmas(np.flip(train).copy(), n, cfg["sigma_min"], cfg["sigma_max"])
         ts = np.round(S.sigma_to_t(sig, log_sigmas)).astype(np.int64)
-        last = S.final_sigma(cfg["final_sigmas_type"], ac, sig[-1])
+        last = S.final_sigma(cfg["final_sigmas_type"], sig[-1])
     else:
         sig = np.interp(ts, np.arange(0, len(train)), train)
-        last = S.final_sigma(cfg["final_sigmas_type"], ac, S.first_train_sigma(ac))
+        last = S.final_sigma(cfg["final_sigmas_type"], S.first_train_sigma(ac))
     return ts, np.concatenate([sig, [last]]).astype(np.float32)

@@ -3,7 +3,6 @@ the reference-compatible ANS start, LCM-LoRA fusing, and `sample.py --scheduler`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
