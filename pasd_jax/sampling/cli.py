@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pasd_jax.assembly import defaults as assembly_defaults
 from pasd_jax.assembly import home, loader
 from pasd_jax.assembly.loader import load_models
+from pasd_jax.diffusion.schedule import DDIM_DEFAULTS
 from pasd_jax.imaging.io import ImageReadError, list_images, load_image, write_image
 from pasd_jax.sampling import args as checks
 from pasd_jax.sampling import defaults, demo
@@ -164,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 1
             base_dir = home.resolve_base(args.base) if args.base else None
             sched, where = loader.scheduler_config(args.ckpt, base_dir, args.scheduler)
-            checks.check_schedule_flags(args, sched.get("num_train_timesteps", 1000), where)
+            checks.check_schedule_flags(args, sched.get("num_train_timesteps", DDIM_DEFAULTS["num_train_timesteps"]),
+                                        where)
     except checks.UsageError as err:
         return _fail(str(err))
     except (FileNotFoundError, ValueError) as err:  # --base / --scheduler: unknown, incomplete or corrupt
