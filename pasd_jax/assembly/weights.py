@@ -68,7 +68,7 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
     """
     dst = os.fspath(dst)
     if not os.path.lexists(dst):
-        _check_creatable(dst)
+        check_creatable(dst)
         return
     if not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -77,7 +77,7 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
                               f"converter (no {CONFIG_NAME} with {META_KEY!r}, no {MANIFEST_NAME})")
 
 
-def _check_creatable(dst: str) -> None:
+def check_creatable(dst: str) -> None:
     """Raise ValueError naming `dst` when its nearest existing ancestor is a file or not writable."""
     anchor = os.path.dirname(os.path.abspath(dst))
     while not os.path.lexists(anchor) and os.path.dirname(anchor) != anchor:

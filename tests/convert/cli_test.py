@@ -127,6 +127,9 @@ def test_destination_under_a_file_is_one_line_before_reading_weights(clip_folder
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot create") and "is a file, not a folder" in err[0]
     assert (tmp_path / "file.txt").read_text() == "x"
+    from convert import export
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # `python -m convert export` too
+        export.check_export_destination(str(tmp_path / "file.txt" / "sub"), overwrite=False)
     assert main([str(src), str(tmp_path / "o"), "--lora", "x.safetensors:nan"]) == 1  # a LoRA multiplier
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lora x.safetensors:nan" in err[0] and "finite" in err[0]
