@@ -53,6 +53,7 @@ def write_component(folder: str, component: str, config: Mapping[str, Any], para
 
 def check_export_destination(dst: str, overwrite: bool) -> None:
     if not os.path.lexists(dst):
+        weights.check_creatable(dst)  # a path under a regular file or an unwritable folder: one line now
         return
     if not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -76,9 +77,12 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     path, sep, mult = text.rpartition(":")
     if sep and path:
         try:
-            return path, float(mult)
+            value = float(mult)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(value):
+            raise ValueError(f"--lora {text}: the multiplier must be a finite number, got {mult!r}")
+        return path, value
     return text, 1.0
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from pasd_jax.assembly import paths
@@ -67,12 +68,24 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
     """
     dst = os.fspath(dst)
     if not os.path.lexists(dst):
+        check_creatable(dst)
         return
     if not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     if not is_converted_folder(dst):
         raise FileExistsError(f"refusing to overwrite {dst}: it is not a folder written by the pasd_jax "
                               f"converter (no {CONFIG_NAME} with {META_KEY!r}, no {MANIFEST_NAME})")
+
+
+def check_creatable(dst: str) -> None:
+    """Raise ValueError naming `dst` when its nearest existing ancestor is a file or not writable."""
+    anchor = os.path.dirname(os.path.abspath(dst))
+    while not os.path.lexists(anchor) and os.path.dirname(anchor) != anchor:
+        anchor = os.path.dirname(anchor)
+    if not os.path.isdir(anchor):
+        raise ValueError(f"cannot create {dst}: {anchor} is a file, not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {dst}: folder {anchor} is not writable")
 
 
 def staging_dir(dst: str | os.PathLike) -> str:
@@ -176,12 +189,38 @@ def load_converted(src: str | os.PathLike) -> tuple[dict, dict]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{src} has no {os.path.basename(path)}; expected a folder written by "
                                     f"`python -m convert` (a diffusers folder must be converted first)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except ValueError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
-    version = config.get(META_KEY, {}).get("format_version", FORMAT_VERSION)
-    if version > FORMAT_VERSION:
+    config = read_config(config_path)
+    meta = config.get(META_KEY, {})
+    version = meta.get("format_version", FORMAT_VERSION) if isinstance(meta, Mapping) else FORMAT_VERSION
+    if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{src} was written by a newer converter (format {version}; this reads {FORMAT_VERSION})")
-    return config, unflatten_params(load_file(params_path))
+    return config, unflatten_params(read_params(params_path))
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A `config.json` -> dict; ValueError naming the file when it is unreadable, not JSON or not an object."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); reconvert with `python -m convert`") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """`flax_params.safetensors` -> flat {"a/b/kernel": array}; ValueError naming the file when it is
+    truncated, corrupt or unreadable (safetensors' own errors name no file)."""
+    path = os.fspath(path)
+    try:
+        return load_file(path)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    except SafetensorError as err:  # bad header / sizes; not an OSError, and it names no file
+        reason = str(err) or type(err).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({reason}); the file is truncated or "
+                         f"corrupt — reconvert with `python -m convert`") from None

@@ -18,6 +18,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from pasd_jax.assembly import home
 from pasd_jax.fixtures import tiny
 
+#: Processing size (shorter side, px) of smoke models unless --process-size is given: the demo
+#: image's side. The SD default (768) makes even the tiny model take minutes per image on a CPU.
+SMOKE_PROCESS_SIZE = 192
+DEMO_OUTPUT = "demo_out"  # --demo's --output when none is given (in .gitignore)
 SMOKE_BANNER = ("SMOKE MODEL: tiny built-in PASD with random weights — this checks that the pipeline runs; "
                 "the output is NOT a restoration. Use --ckpt/--base with converted PASD weights for real results.")
 
@@ -30,7 +34,7 @@ def demo_model_dir() -> pathlib.Path:
     return folder
 
 
-def demo_image(size: int = 192, seed: int = 0) -> np.ndarray:
+def demo_image(size: int = SMOKE_PROCESS_SIZE, seed: int = 0) -> np.ndarray:
     """A degraded synthetic scene: uint8 [size, size, 3] (sky gradient, sun, hills, house, text)."""
     rng = np.random.default_rng(seed)
     big = 4 * size

@@ -120,6 +120,22 @@ def test_existing_destination_needs_overwrite(clip_folder, tmp_path, capsys):
     assert [n for n in _entries(tmp_path) if n.startswith(".")] == []
 
 
+def test_destination_under_a_file_is_one_line_before_reading_weights(clip_folder, tmp_path, capsys):
+    src, _ = clip_folder
+    (tmp_path / "file.txt").write_text("x")
+    assert main([str(src), str(tmp_path / "file.txt" / "sub"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot create") and "is a file, not a folder" in err[0]
+    assert (tmp_path / "file.txt").read_text() == "x"
+    from convert import export
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # `python -m convert export` too
+        export.check_export_destination(str(tmp_path / "file.txt" / "sub"), overwrite=False)
+    assert main([str(src), str(tmp_path / "o"), "--lora", "x.safetensors:nan"]) == 1  # a LoRA multiplier
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora x.safetensors:nan" in err[0] and "finite" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 # ---- end to end ----------------------------------------------------------------------------
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
 def test_clip_text_model_end_to_end(tmp_path, capsys, safe_serialization):

@@ -33,6 +33,7 @@ def photos(tmp_path):
     Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(src / "b.jpg", quality=90)
     (src / "a.txt").write_text("a red house")
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (src / "notes.md").write_text("not an image: ignored, and counted in the summary")
     return src
 
 
@@ -42,6 +43,8 @@ def test_folder_run_bad_file_overwrite_and_seed(ckpt, photos, tmp_path, capsys):
     assert cli.main(args) == 1  # bad.png failed, the others were written
     err = capsys.readouterr().err
     assert "bad.png" in err and "FAILED 1" in err and "restored 2 images" in err
+    assert "a.png -> " in err and "processed at 24x16 px, written 24x16 px" in err
+    assert "ignored 1 non-image file (notes.md)" in err and "over all but the first" in err
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     assert Image.open(out / "a.png").size == (24, 16)
     first = (out / "a.png").read_bytes()
@@ -60,11 +63,12 @@ def test_folder_run_bad_file_overwrite_and_seed(ckpt, photos, tmp_path, capsys):
     assert not list(out.glob(".*tmp"))  # no temporary files left behind
 
 
-def test_single_file_upscale_to_named_output(ckpt, photos, tmp_path):
+def test_single_file_upscale_to_named_output(ckpt, photos, tmp_path, capsys):
     dst = tmp_path / "x" / "restored.png"
     assert cli.main(["--ckpt", ckpt, "--input", str(photos / "a.png"), "--output", str(dst), "--upscale", "2",
                      *FAST]) == 0
     assert Image.open(dst).size == (48, 32)
+    assert "written 48x32 px" in capsys.readouterr().err
 
 
 def test_usage_errors(ckpt, photos, tmp_path, capsys):
@@ -87,8 +91,20 @@ def test_demo_says_smoke_model(tmp_path, monkeypatch, capsys):
     assert cli.main(["--demo", "--output", str(tmp_path / "demo"), "--steps", "1"]) == 0
     err = capsys.readouterr().err
     assert "SMOKE MODEL" in err
+    assert f"demo input: {tmp_path / 'demo' / 'input' / 'demo_input.png'}" in err  # the generated input is named
+    assert "smoke model: processing at 192 px" in err
     img = np.asarray(Image.open(tmp_path / "demo" / "demo_input.png"))
     assert img.shape == (192, 192, 3) and img.std() > 1.0
+
+
+def test_demo_runs_the_smoke_model_on_the_users_input(photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PASD_JAX_HOME", str(tmp_path / "home"))
+    out = tmp_path / "mine"
+    assert cli.main(["--demo", "--input", str(photos / "a.png"), "--output", str(out), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "SMOKE MODEL" in err and "demo input" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the user's image, not a generated one
+    assert Image.open(out / "a.png").size == (24, 16)
 
 
 def test_base_swap_keeps_paca_and_controlnet(ckpt, tmp_path):
