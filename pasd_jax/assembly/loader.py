@@ -160,7 +160,7 @@ def load_models(ckpt: str | os.PathLike, base: str | os.PathLike | None = None, 
     cn_dir = _find_part("controlnet", ckpt)
     cn_cfg, cn_params = weights.load_converted(cn_dir)
 
-    part_dirs = (ckpt, base_dir) if base_dir is not None else (ckpt,)
+    part_dirs = (base_dir, ckpt) if base_dir is not None else (ckpt,)
     vae_dir, text_dir = _find_part("vae", *part_dirs), _find_part("text_encoder", *part_dirs)
     vae_cfg, vae_params = weights.load_converted(vae_dir)
     text_cfg, text_params = weights.load_converted(text_dir)
