@@ -52,12 +52,12 @@ def _timed(run, repeats: int) -> tuple[float, float]:
 
 def _device_params(config: dict, seed: int) -> dict:
     """Random float32 weights N(0, 1/fan_in) (biases 0, norm scales 1) made leaf by leaf on the
-    device, so the host never holds more than one leaf (`tiny.init_params` builds the whole numpy
+    device, so the host never holds more than one leaf (`assembly.init.init_params` builds the whole numpy
     tree first, in float64 per leaf: +1–3 GiB of transient peak RSS at SD1.5 size)."""
     import jax
     import numpy as np
 
-    from pasd_jax.models import registry
+    from pasd_jax.assembly import registry
 
     rng = np.random.default_rng(seed)
 
@@ -78,7 +78,8 @@ def child_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pasd_jax.models import registry, sd15
+    from pasd_jax.assembly import registry
+    from pasd_jax.fixtures import sd15
     from pasd_jax.perf import model_flops
 
     cfgs = sd15.configs(args.family)
@@ -114,7 +115,7 @@ def child_torch(args) -> dict:
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pasd_jax.models import sd15
+    from pasd_jax.fixtures import sd15
 
     clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     config = clean(sd15.configs("stock")["unet"])

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 
 from pasd_jax.diffusion.schedule import NoiseSchedule
-from pasd_jax.models import registry, sd15
+from pasd_jax.assembly import defaults, registry
+from pasd_jax.assembly.bundle import PASDBundle
+from pasd_jax.fixtures import sd15
 from pasd_jax.perf import model_flops
-from pasd_jax.sampling.loader import PASDModels
 from pasd_jax.sampling.sampler import Sampler, SamplerSettings
-from pasd_jax.train.step import Models
 
 
 def main() -> None:
@@ -64,15 +64,15 @@ def main() -> None:
         out[f"{name}_attention_gflops"] = g(att)
         print(f"{name:18s} {total:10.1f} {att / 1e9:19.1f} {total - att / 1e9:11.1f}")
     params = {name: registry.abstract_params(m) for name, m in modules.items()}
-    schedule = NoiseSchedule.from_config(sd15.SCHEDULER)
-    models = PASDModels(params=params, tokenizer=None, schedule=schedule, family=args.family, source="abstract",
+    schedule = NoiseSchedule.from_config(defaults.SCHEDULER)
+    models = PASDBundle(params=params, tokenizer=None, schedule=schedule, family=args.family, source="abstract",
                         **modules)
-    settings = SamplerSettings(num_steps=args.steps, vae_tiling="never", tile_size=1 << 20)
+    settings = SamplerSettings(num_steps=args.steps, vae_tiling="never", latent_tiling=False)
     sample = model_flops.sampler_flops(Sampler(models, settings), image, b)
     out["sample_tflops_per_image"] = round(sample / b / 1e12, 4)
     print(f"sampler ({args.steps} steps, CFG)   {sample / b / 1e12:12.2f} TFLOP/image")
     if not args.no_train:
-        train = model_flops.train_step_flops(Models(**{k: modules[k] for k in Models._fields}), schedule, image, b)
+        train = model_flops.train_step_flops(models, image, b)
         out["train_step_tflops_per_image"] = round(train / b / 1e12, 4)
         print(f"train step (fwd+bwd)     {train / b / 1e12:12.2f} TFLOP/image")
     print(json.dumps(out))

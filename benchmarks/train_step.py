@@ -172,7 +172,7 @@ def main() -> None:
     print(f"FLOPs/step (XLA): {total_flops / 1e9:.2f} GFLOP; achieved {total_flops / step_s / 1e12:.3f} TFLOP/s; "
           f"MFU: {mfu}" + ("" if peak else " (unknown peak for this device; pass --peak-tflops)"))
     # Model FLOPs counted from the jaxpr (pasd_jax.perf; remat recomputation not included).
-    counted = model_flops.train_step_flops(models, schedule, res, batch)
+    counted = model_flops.train_step_flops(models, res, batch)
     counted_mfu = model_flops_mfu(counted, step_s, args.peak_tflops, compute, jax.device_count())
     print(f"FLOPs/step (counted): {counted / 1e9:.2f} GFLOP; {counted_mfu}")
     print(f"loss after {args.steps + 1} steps: {float(metrics['loss']):.4f}")

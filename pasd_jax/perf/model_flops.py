@@ -1,6 +1,6 @@
 """Counted FLOPs of PASD's networks, the whole sampler and the training step (no weights needed).
 
-Every function takes Flax modules (and, for the sampler, a `PASDModels` whose `params` may be
+Every function takes Flax modules (and, for the sampler, a `PASDBundle` whose `params` may be
 `jax.ShapeDtypeStruct` leaves) and returns the FLOPs of one call, counted from the jaxpr by
 `pasd_jax.perf.flops.count_flops` on abstract parameters and inputs: nothing is allocated, so the
 SD1.5-size figures are cheap to get on any machine. Shapes: `latent` is the latent side (image
@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pasd_jax.models.registry import abstract_params
+from pasd_jax.assembly.registry import abstract_params
 from pasd_jax.perf.flops import ATTENTION_SCOPE, flop_breakdown
 
 _f32 = jnp.float32
@@ -85,22 +85,25 @@ def sampler_flops(sampler, image: int, batch: int = 1, text_length: int = 77) ->
     return count(sampler._sample_impl, params, inputs)
 
 
-def train_step_flops(models, schedule, resolution: int, batch: int = 1, remat_policy: str = "none",
+def train_step_flops(models, resolution: int, batch: int = 1, remat_policy: str = "none",
                      trainable=("^controlnet/", "pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus")) -> int:
     """One training step (`pasd_jax.train.step.train_step`: frozen VAE + CLIP forward, ControlNet +
-    UNet forward and backward wrt the trainable subtree, AdamW) at `resolution`², `batch` images."""
+    UNet forward and backward wrt the trainable subtree, AdamW) at `resolution`², `batch` images.
+    `models`: a `PASDBundle` (its params are not used)."""
     import optax
 
     from pasd_jax.train.state import TrainState, split
     from pasd_jax.train.step import StepOptions, train_step
 
-    params = {name: abstract_params(getattr(models, name)) for name in models._fields}
+    from pasd_jax.assembly.bundle import COMPONENTS
+
+    params = {name: abstract_params(getattr(models, name)) for name in COMPONENTS}
     train, frozen = split(params, trainable)
     tx = optax.adamw(1e-5)
     state = jax.eval_shape(functools.partial(TrainState.create, tx=tx, seed=0), train)
     batch_data = {"hq": _sds((batch, resolution, resolution, 3)), "lq": _sds((batch, resolution, resolution, 3)),
                   "prompt_ids": _sds((batch, 77), jnp.int32)}
     opts = StepOptions(remat_policy=remat_policy)
-    step = functools.partial(train_step, models=models, schedule=schedule, tx=tx, lr_fn=lambda s: 1e-5, opts=opts)
+    step = functools.partial(train_step, models=models, tx=tx, lr_fn=lambda s: 1e-5, opts=opts)
     return count(step, state, frozen, batch_data)
 

@@ -136,7 +136,8 @@ def test_stock_unet_matches_torch_flop_counter():
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pasd_jax.models import registry, tiny
+    from pasd_jax.assembly import registry
+    from pasd_jax.fixtures import tiny
 
     config = tiny.tiny_unet_config("stock")
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
