@@ -26,6 +26,7 @@ from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.assembly.init import init_params
 from pasd_jax.diffusion.schedule import NoiseSchedule
 from pasd_jax.fixtures import sd15, tiny
+from pasd_jax.perf import model_flops, peak
 from pasd_jax.sampling.sampler import Noises, Sampler, SamplerSettings, latent_shape, make_inputs
 
 
@@ -79,6 +80,10 @@ def bench_jax(args, models: PASDBundle) -> float:
           f"{median:.3f} s/image (median of {args.repeats}), program footprint {footprint:.2f} GiB "
           f"(weights {ma.argument_size_in_bytes / 2**30:.2f} + temp {ma.temp_size_in_bytes / 2**30:.2f}), "
           f"peak {_jax_peak_gb()} (includes autotuning scratch)")
+    flops = model_flops.sampler_flops(sampler, args.size)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    print(f"pasd-jax  counted {flops / 1e12:.2f} TFLOP/image: "
+          f"{peak.describe(flops, median, peak.peak_tflops(dtype=dtype, override=args.peak_tflops))}")
     return median
 
 
@@ -145,6 +150,7 @@ def main() -> None:
     ap.add_argument("--family", choices=("pasd", "pasd_light"), default="pasd")
     ap.add_argument("--tiny", action="store_true", help="tiny smoke model instead of SD1.5 size")
     ap.add_argument("--no-torch", action="store_true")
+    peak.add_argument(ap)
     args = ap.parse_args()
     print(f"PASD sampling benchmark: {'tiny' if args.tiny else 'SD1.5-size'} random weights, {args.size}², "
           f"{args.steps} DDIM steps, CFG, batch 1")

@@ -3,9 +3,9 @@
 Encode of a [1, S, S, 3] image and decode of a [1, S/8, S/8, 4] latent (S = 4096 by default), each
 in its own child process so that `ru_maxrss` is that task's peak resident memory (and, on a GPU, the
 device's peak bytes in use). Prints the tile layout, XLA's temp-buffer estimate, compile time, run
-time and peak memory per task. A watchdog kills a child when the machine's available memory falls
-below `--min-free-gb` (shared machines). `--vae sd15` uses SD1.5's VAE shape with random weights
-(meant for a GPU). Usage:
+time, peak memory and counted FLOPs with FLOP/s and MFU (`pasd_jax.perf`) per task. A watchdog
+kills a child when the machine's available memory falls below `--min-free-gb` (shared machines).
+`--vae sd15` uses SD1.5's VAE shape with random weights (meant for a GPU). Usage:
 
     python benchmarks/tiled_vae.py [--size 4096] [--only encode|decode] [--repeats 1] [--vae tiny|sd15]
 """
@@ -36,7 +36,7 @@ def _mem_available_gb() -> float:
     return float("inf")
 
 
-def _child(task: str, size: int, repeats: int, chunk: int, vae: str) -> None:
+def _child(task: str, size: int, repeats: int, chunk: int, vae: str, peak_tflops=None) -> None:
     """Runs one task in this process and prints its figures."""
     import jax
     import jax.numpy as jnp
@@ -45,6 +45,7 @@ def _child(task: str, size: int, repeats: int, chunk: int, vae: str) -> None:
     from pasd_jax.assembly import registry
     from pasd_jax.assembly.init import init_params
     from pasd_jax.fixtures import tiny
+    from pasd_jax.perf import flops, peak
     from pasd_jax.sampling import tiled_vae as tv
 
     config = tiny.tiny_vae_config() if vae == "tiny" else SD15_VAE
@@ -83,11 +84,16 @@ def _child(task: str, size: int, repeats: int, chunk: int, vae: str) -> None:
     print(f"{task} {size}x{size} ({vae} VAE, {device.platform}): out {tuple(out.shape)}, "
           f"finite {bool(jnp.isfinite(out).all())}, compile {compile_s:.1f} s, run {min(times):.2f} s "
           f"(min of {repeats}), peak RSS {peak_gb:.2f} GiB{on_device}", flush=True)
+    counted = flops.count_flops(fn, params, arg)
+    top = peak.peak_tflops(dtype=jnp.float32, override=peak_tflops)
+    print(f"{task}: counted {counted / 1e12:.3f} TFLOP, {peak.describe(counted, min(times), top)}", flush=True)
 
 
 def _run_child(task: str, args) -> int:
     cmd = [sys.executable, __file__, "--child", task, "--size", str(args.size), "--repeats", str(args.repeats),
            "--chunk", str(args.chunk), "--vae", args.vae]
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
     proc = subprocess.Popen(cmd)
     while proc.poll() is None:
         if _mem_available_gb() < args.min_free_gb:
@@ -107,10 +113,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="attention_query_chunk")
     parser.add_argument("--min-free-gb", type=float, default=2.0)
     parser.add_argument("--vae", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one chip (default: table)")
     parser.add_argument("--child", choices=("encode", "decode"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.size, args.repeats, args.chunk, args.vae)
+        _child(args.child, args.size, args.repeats, args.chunk, args.vae, args.peak_tflops)
         return
     rc = 0
     for task in ([args.only] if args.only else ["encode", "decode"]):

@@ -35,6 +35,7 @@ from pasd_jax.assembly.init import init_params
 from pasd_jax.diffusion.schedule import NoiseSchedule
 from pasd_jax.fixtures import tiny
 from pasd_jax.models.controlnet import controlnet_config_from_unet
+from pasd_jax.perf import model_flops, peak
 from pasd_jax.train import sharding
 from pasd_jax.train.optim import make_optimizer
 from pasd_jax.train.state import TrainState, split
@@ -82,6 +83,10 @@ def peak_flops(override_tflops: float | None) -> float | None:
         if name.lower() in kind.lower():
             return tflops * 1e12
     return None
+
+
+def model_flops_mfu(flops: float, seconds: float, override, dtype, n_devices: int) -> str:
+    return peak.describe(flops, seconds, peak.peak_tflops(dtype=dtype, override=override), n_devices)
 
 
 def main() -> None:
@@ -166,6 +171,10 @@ def main() -> None:
     print(f"images/s: {batch / step_s:.2f}")
     print(f"FLOPs/step (XLA): {total_flops / 1e9:.2f} GFLOP; achieved {total_flops / step_s / 1e12:.3f} TFLOP/s; "
           f"MFU: {mfu}" + ("" if peak else " (unknown peak for this device; pass --peak-tflops)"))
+    # Model FLOPs counted from the jaxpr (pasd_jax.perf; remat recomputation not included).
+    counted = model_flops.train_step_flops(models, res, batch)
+    counted_mfu = model_flops_mfu(counted, step_s, args.peak_tflops, compute, jax.device_count())
+    print(f"FLOPs/step (counted): {counted / 1e9:.2f} GFLOP; {counted_mfu}")
     print(f"loss after {args.steps + 1} steps: {float(metrics['loss']):.4f}")
 
 

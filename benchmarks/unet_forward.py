@@ -1,9 +1,10 @@
 """Compile time and steady forward time of the SD1.5-size UNet: our Flax UNet vs diffusers (torch).
 
 Random weights, latent 64×64, batch 2 (one CFG pair), fp32 unless --dtype bfloat16.
-Prints one line per framework and the ratio. Usage:
+Prints one line per framework (with counted FLOPs, FLOP/s and MFU against the device's peak from
+`pasd_jax/perf/peak.py`; FLOP/s only on a CPU) and the ratio. Usage:
 
-    python benchmarks/unet_forward.py [--family stock|pasd|pasd_light] [--repeats 5] [--no-torch]
+    python benchmarks/unet_forward.py [--family stock|pasd|pasd_light] [--repeats 5] [--no-torch] [--peak-tflops X]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from pasd_jax.assembly import registry
 from pasd_jax.assembly.init import init_params
 from pasd_jax.models import unet as unet_lib
+from pasd_jax.perf import model_flops, peak
 
 SD15_UNET = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/sd15/unet/config.json"
 DEFAULT_CONFIG = dict(
@@ -45,7 +47,11 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_flax(config: dict, family: str, batch: int, size: int, repeats: int, dtype) -> float:
+def _rate(flops: int, seconds: float, dtype, override) -> str:
+    return f"{flops / 1e9:.1f} GFLOP, " + peak.describe(flops, seconds, peak.peak_tflops(dtype=dtype, override=override))
+
+
+def bench_flax(config: dict, family: str, batch: int, size: int, repeats: int, dtype, peak_override=None) -> float:
     model = unet_lib.from_config(config, family=family, dtype=dtype)
     sizes, chans = model.skip_sizes(size, size), model.skip_channels()
     rng = np.random.default_rng(0)
@@ -67,10 +73,12 @@ def bench_flax(config: dict, family: str, batch: int, size: int, repeats: int, d
     first, steady = _timed(run, repeats)
     print(f"flax  {family:10s} params={n_params / 1e6:.1f}M  compile={compile_s:.1f}s  first={first:.2f}s  "
           f"steady={steady:.3f}s/forward  ({jax.devices()[0].platform}, {jnp.dtype(dtype).name})")
+    print(f"      {_rate(model_flops.unet_flops(model, size, batch), steady, dtype, peak_override)}")
     return steady
 
 
-def bench_torch(config: dict, batch: int, size: int, repeats: int) -> float | None:
+def bench_torch(config: dict, batch: int, size: int, repeats: int, dtype=jnp.float32,
+                peak_override=None) -> float | None:
     try:
         import torch
         from diffusers import UNet2DConditionModel
@@ -92,6 +100,8 @@ def bench_torch(config: dict, batch: int, size: int, repeats: int) -> float | No
     with torch.inference_mode():
         first, steady = _timed(run, repeats)
     print(f"torch stock      {dev} threads={torch.get_num_threads()}  first={first:.2f}s  steady={steady:.3f}s/forward")
+    stock = unet_lib.from_config(config, family="stock")
+    print(f"      {_rate(model_flops.unet_flops(stock, size, batch, residuals=False), steady, dtype, peak_override)}")
     return steady
 
 
@@ -103,11 +113,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true")
+    peak.add_argument(parser)
     args = parser.parse_args()
     config = _config()
-    ours = bench_flax(config, args.family, args.batch, args.latent, args.repeats, jnp.dtype(args.dtype))
+    ours = bench_flax(config, args.family, args.batch, args.latent, args.repeats, jnp.dtype(args.dtype),
+                      args.peak_tflops)
     if not args.no_torch:
-        theirs = bench_torch(config, args.batch, args.latent, args.repeats)
+        theirs = bench_torch(config, args.batch, args.latent, args.repeats, peak_override=args.peak_tflops)
         if theirs:
             print(f"ratio flax/torch = {ours / theirs:.2f}" + ("" if args.family == "stock" else
                   "  (torch runs the stock UNet; pasd families do more work)"))

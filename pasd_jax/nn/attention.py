@@ -9,6 +9,7 @@ with `pixel_cross_dim`, as PASD-light's text transformer with the extra `proj_in
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pasd_jax.nn.resnet import conv2d, group_norm
+from pasd_jax.perf.flops import ATTENTION_SCOPE
 
 
 def layer_norm(eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.LayerNorm:
@@ -23,26 +25,101 @@ def layer_norm(eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32)
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype)
 
 
-#: Largest score matrix (B·heads·T·S elements) formed at once; above it queries go in chunks.
-MAX_SCORE_ELEMENTS = 2**28
+#: Implementation of `attend`: "auto" (below), "xla" (`jax.nn.dot_product_attention`, full
+#: scores), "chunked" (online softmax, `chunked_attention`) or "cudnn" (fused kernel, GPU only).
+#: Read from $PASD_JAX_ATTENTION at import; `set_attention_implementation` changes it (re-jit).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+_implementation = os.environ.get("PASD_JAX_ATTENTION", "auto")
+
+#: "auto" uses the chunked kernel when the [B, H, T, S] score matrix has more elements than this
+#: (4 Mi = 16 MiB of float32). On a 2-core CPU it is ~10× faster than XLA's full-score attention
+#: at SD1.5's 4096-token first level and never forms the full matrix (measured: benchmarks/notes).
+CHUNK_THRESHOLD = 2**22
+#: Query / key rows per block of the chunked kernel: a [B, H, 256, 256] float32 score block is
+#: 4 MiB at B·H = 16 (a CFG pair of SD1.5's 8 heads), which stays in a CPU's L2/L3 cache.
+QUERY_BLOCK = 256
+KEY_BLOCK = 256
+
+
+def set_attention_implementation(name: str) -> None:
+    """Select the `attend` implementation for later traces (functions already jitted keep theirs)."""
+    global _implementation
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+    _implementation = name
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """softmax(q·kᵀ·scale)·v for q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D].
+    """softmax(q·kᵀ·scale)·v for q [B, T, H, D], k [B, S, H, D], v [B, S, H, Dv] -> [B, T, H, Dv].
 
-    `jax.nn.dot_product_attention` when the [B, H, T, S] scores fit `MAX_SCORE_ELEMENTS`; else the
-    queries run in chunks under `lax.map` (exact: softmax is per query row), which bounds memory
-    for PACA at large latents (T = S = h·w tokens, e.g. 102,400 for a 320² latent tile).
+    "auto": on a GPU with bfloat16/float16 inputs the cuDNN fused kernel (`jax.nn.dot_product_attention
+    (..., implementation="cudnn")`), falling back when cuDNN refuses the shape (e.g. head dim > 128,
+    the VAE's 512) or is absent; otherwise `chunked_attention` when the score matrix exceeds
+    `CHUNK_THRESHOLD` elements, else XLA's attention. Scores and softmax are float32 in every path.
+    """
+    impl = _implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"PASD_JAX_ATTENTION must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
+    with jax.named_scope(ATTENTION_SCOPE):  # lets the FLOP counter report attention apart
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        if impl == "cudnn" or (impl == "auto" and half and jax.default_backend() == "gpu"):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            except Exception:  # noqa: BLE001 - cuDNN refuses at trace time (shape, dtype, version)
+                if impl == "cudnn":  # asked for explicitly: no silent fallback
+                    raise
+        b, t, h, _ = q.shape
+        if impl == "chunked" or (impl != "xla" and b * h * t * k.shape[1] > CHUNK_THRESHOLD):
+            return chunked_attention(q, k, v, scale)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+def chunked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float,
+                      query_block: int | None = None, key_block: int | None = None) -> jnp.ndarray:
+    """Exact attention in blocks with an online softmax (the FlashAttention recurrence) in plain JAX.
+
+    Queries go in blocks of `query_block` (`lax.map`), keys/values in blocks of `key_block`
+    (`lax.scan`) carrying the running row max m, normaliser l and output accumulator:
+    `m' = max(m, max s)`, `l' = l·e^(m−m') + Σ e^(s−m')`, `acc' = acc·e^(m−m') + e^(s−m')·v`,
+    output `acc / l`. Equal to softmax(q·kᵀ·scale)·v up to float rounding (~1e-7 in float32), with
+    memory O(B·H·query_block·key_block) instead of O(B·H·T·S). Ragged T / S are padded (padded keys
+    masked with −∞, padded queries dropped). Each query block is rematerialised in the backward
+    pass, so gradients are memory-efficient too. Shapes as `attend`; output dtype of q.
     """
     b, t, h, d = q.shape
-    per_query = b * h * k.shape[1]
-    if per_query * t <= MAX_SCORE_ELEMENTS:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale)
-    chunk = max(1, MAX_SCORE_ELEMENTS // per_query)
-    n = -(-t // chunk)
-    qc = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))).reshape(b, n, chunk, h, d)
-    out = jax.lax.map(lambda qi: jax.nn.dot_product_attention(qi, k, v, scale=scale), jnp.moveaxis(qc, 1, 0))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, v.shape[-1])[:, :t]
+    s_len, dv = k.shape[1], v.shape[-1]
+    qb = min(query_block or QUERY_BLOCK, t)
+    kb = min(key_block or KEY_BLOCK, s_len)
+    nq, nk = -(-t // qb), -(-s_len // kb)
+    to_heads = lambda x, n, blk: jnp.moveaxis(  # [B, L, H, D] -> [n, B, H, blk, D] (padded)
+        jnp.pad(x, ((0, 0), (0, n * blk - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+        .reshape(b, h, n, blk, x.shape[-1]), 2, 0)
+    qs, ks, vs = to_heads(q, nq, qb), to_heads(k, nk, kb), to_heads(v, nk, kb)
+    key_bias = None
+    if nk * kb != s_len:  # −∞ on padded keys; never a whole block, so every row sees a real key
+        key_bias = jnp.where(jnp.arange(nk * kb) < s_len, 0.0, -jnp.inf).astype(jnp.float32).reshape(nk, 1, 1, 1, kb)
+
+    def one_query_block(qi):  # [B, H, qb, D] -> [B, H, qb, Dv] float32
+        def step(carry, kv):
+            m, l, acc = carry
+            ki, vi, bias = kv
+            s = jnp.einsum("bhqd,bhkd->bhqk", qi, ki, preferred_element_type=jnp.float32) * scale
+            if bias is not None:
+                s = s + bias
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+            return (m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv), None
+
+        init = (jnp.full((b, h, qb), -jnp.inf, jnp.float32), jnp.zeros((b, h, qb), jnp.float32),
+                jnp.zeros((b, h, qb, dv), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(step, init, (ks, vs, key_bias))
+        return acc / l[..., None]
+
+    out = jax.lax.map(jax.checkpoint(one_query_block), qs)  # [nq, B, H, qb, Dv]
+    out = out.transpose(1, 0, 3, 2, 4).reshape(b, nq * qb, h, dv)
+    return out[:, :t].astype(q.dtype)
 
 
 class Attention(nn.Module):

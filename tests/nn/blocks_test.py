@@ -1,5 +1,6 @@
 """Block-level parity of `pasd_jax.nn` against diffusers (fp32, ~1e-5 per block)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,17 +80,39 @@ def test_attention(cross):
     assert_close(got, ref(x, ctx).detach().numpy())
 
 
-def test_query_chunked_attention_is_exact(monkeypatch):
-    """Above MAX_SCORE_ELEMENTS the queries run in chunks (with padding) and give the same result."""
+@pytest.mark.parametrize("blocks", [(3, 2), (4, 7), (16, 16)])
+def test_chunked_attention_is_exact(blocks):
+    """Online-softmax blocks (ragged T and S: padded queries, masked keys) equal XLA's attention,
+    values and gradients."""
     from pasd_jax.nn import attention
 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 11, 4, 8), (2, 7, 4, 8), (2, 7, 4, 8)))
-    want = attention.attend(q, k, v, 0.3)
-    monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 2 * 4 * 7 * 3)  # 3 queries per chunk, 4 chunks
-    got = attention.attend(q, k, v, 0.3)
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    want = jax.nn.dot_product_attention(q, k, v, scale=0.3)
+    got = attention.chunked_attention(q, k, v, 0.3, *blocks)
     assert got.shape == (2, 11, 4, 8)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    g_want = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)), (0, 1, 2))(q, k, v)
+    g_got = jax.grad(loss(lambda q, k, v: attention.chunked_attention(q, k, v, 0.3, *blocks)), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_attend_selects_chunked_above_threshold(monkeypatch):
+    """"auto" switches to the chunked kernel (a scan in the jaxpr) above CHUNK_THRESHOLD; "xla" never."""
+    from pasd_jax.nn import attention
+
+    q = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float32)
+    has_scan = lambda: "scan" in str(jax.make_jaxpr(lambda q: attention.attend(q, q, q, 0.5))(q))
+    monkeypatch.setattr(attention, "CHUNK_THRESHOLD", 2 * 64 * 64 - 1)
+    assert has_scan()
+    monkeypatch.setattr(attention, "CHUNK_THRESHOLD", 2 * 64 * 64)
+    assert not has_scan()
+    monkeypatch.setattr(attention, "_implementation", "chunked")
+    assert has_scan()
+    with pytest.raises(ValueError, match="attention implementation"):
+        attention.set_attention_implementation("flash")
 
 
 @pytest.mark.parametrize("linear", [False, True])

@@ -1,0 +1,215 @@
+"""One classifier-free-guidance step: our ControlNet + PASD UNet vs diffusers' ControlNet + UNet.
+
+A step is what the sampler runs per denoising step: the ControlNet and the UNet on a batch of 2
+latents (negative and positive prompt) of `--latent`² with a 77-token context, SD1.5-size random
+weights, float32. Ours is the PASD ControlNet (with its DR net) feeding the PASD UNet (with PACA);
+diffusers' is the stock `ControlNetModel.from_unet` + `UNet2DConditionModel`, which does fewer
+FLOPs (no PACA, a smaller conditioning stem). Each framework runs in its own child process, one
+after the other, so `ru_maxrss` is that framework's peak resident memory; a watchdog kills a
+child when the machine's available memory falls below `--min-free-gb`. Prints compile (JAX) or
+first-call time, the median step time of `--repeats`, counted FLOPs (`pasd_jax.perf`), FLOP/s,
+MFU where the device has a known peak, and peak RSS; the last line is one JSON object.
+
+    python benchmarks/cfg_step.py --latent 32                 # both frameworks
+    python benchmarks/cfg_step.py --latent 64 --only jax --attention xla   # A/B the attention kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _timed(run, repeats: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def _device_params(config: dict, seed: int) -> dict:
+    """Random float32 weights N(0, 1/fan_in) (biases 0, norm scales 1) made leaf by leaf on the
+    device, so the host never holds more than one leaf (`assembly.init.init_params` builds the whole numpy
+    tree first, in float64 per leaf: +1–3 GiB of transient peak RSS at SD1.5 size)."""
+    import jax
+    import numpy as np
+
+    from pasd_jax.assembly import registry
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        name = getattr(path[-1], "key", str(path[-1]))
+        if name in ("bias", "scale"):
+            return jax.device_put(np.full(spec.shape, 1.0 if name == "scale" else 0.0, np.float32))
+        fan_in = int(np.prod(spec.shape[:-1])) if name == "kernel" else spec.shape[-1]
+        x = rng.standard_normal(spec.shape, dtype=np.float32)
+        x *= np.float32(1.0 / np.sqrt(max(fan_in, 1)))
+        return jax.device_put(x)
+
+    return jax.tree_util.tree_map_with_path(leaf, registry.abstract_params(registry.build_module(config)))
+
+
+def child_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pasd_jax.assembly import registry
+    from pasd_jax.fixtures import sd15
+    from pasd_jax.perf import model_flops
+
+    cfgs = sd15.configs(args.family)
+    unet, controlnet = registry.build_module(cfgs["unet"]), registry.build_module(cfgs["controlnet"])
+    params = {"unet": _device_params(cfgs["unet"], 0), "controlnet": _device_params(cfgs["controlnet"], 1)}
+    rng = np.random.default_rng(0)
+    b, lat = 2, args.latent
+    x = jnp.asarray(rng.standard_normal((b, lat, lat, 4)), jnp.float32)
+    text = jnp.asarray(rng.standard_normal((b, 77, 768)), jnp.float32)
+    cond = jnp.asarray(rng.random((b, 8 * lat, 8 * lat, 3)), jnp.float32)
+    t = jnp.full((b,), 500, jnp.int32)
+
+    def step(p, x, t, text, cond):
+        _, down, mid = controlnet.apply({"params": p["controlnet"]}, x, t, text, cond)
+        return unet.apply({"params": p["unet"]}, x, t, text, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid)
+
+    start = time.perf_counter()
+    compiled = jax.jit(step).lower(params, x, t, text, cond).compile()
+    compile_s = time.perf_counter() - start
+    first, steady = _timed(lambda: compiled(params, x, t, text, cond).block_until_ready(), args.repeats)
+    flops = model_flops.unet_flops(unet, lat, b) + model_flops.controlnet_flops(controlnet, lat, b)
+    ma = compiled.memory_analysis()
+    return {"framework": "pasd-jax", "what": f"PASD ControlNet + {args.family} UNet", "compile_s": compile_s,
+            "first_s": first, "step_s": steady, "flops": flops, "peak_rss_gb": _peak_rss_gb(),
+            "xla_temp_gb": ma.temp_size_in_bytes / 2**30 if ma else None,
+            "attention": os.environ.get("PASD_JAX_ATTENTION", "auto"), "device": jax.devices()[0].device_kind}
+
+
+def child_torch(args) -> dict:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pasd_jax.fixtures import sd15
+
+    clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    config = clean(sd15.configs("stock")["unet"])
+    b, lat = 2, args.latent
+    with torch.device("meta"):  # FLOPs on shapes only; the bmm processor so torch counts attention too
+        unet_m = UNet2DConditionModel(**config)
+        cn_m = ControlNetModel.from_unet(unet_m)
+        for m in (unet_m, cn_m):
+            m.set_attn_processor(AttnProcessor())
+        xm, tm, cm = torch.zeros(b, 4, lat, lat), torch.full((b,), 500), torch.zeros(b, 77, 768)
+        with FlopCounterMode(display=False) as counter:
+            down, mid = cn_m(xm, tm, cm, torch.zeros(b, 3, 8 * lat, 8 * lat), return_dict=False)
+            unet_m(xm, tm, cm, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    flops = counter.get_total_flops()
+    del unet_m, cn_m
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config).eval()
+    controlnet = ControlNetModel.from_unet(unet).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 4, lat, lat, generator=gen)
+    text = torch.randn(b, 77, 768, generator=gen)
+    cond = torch.rand(b, 3, 8 * lat, 8 * lat, generator=gen)
+    t = torch.full((b,), 500)
+
+    def run():
+        with torch.inference_mode():
+            down, mid = controlnet(x, t, text, cond, return_dict=False)
+            unet(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    first, steady = _timed(run, args.repeats)
+    return {"framework": "diffusers", "what": "stock ControlNet + UNet", "compile_s": None, "first_s": first,
+            "step_s": steady, "flops": flops, "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads(),
+            "device": "cpu"}
+
+
+def _run_child(which: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", which, "--latent", str(args.latent), "--repeats", str(args.repeats),
+           "--family", args.family]
+    env = dict(os.environ)
+    if args.attention:
+        env["PASD_JAX_ATTENTION"] = args.attention
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    while proc.poll() is None:
+        if _mem_available_gb() < args.min_free_gb:
+            proc.kill()
+            proc.wait()
+            print(f"{which}: killed, the machine's available memory fell below {args.min_free_gb} GiB", flush=True)
+            return None
+        time.sleep(0.2)
+    lines = proc.stdout.read().strip().splitlines()
+    if proc.returncode or not lines:
+        print(f"{which}: child failed (exit {proc.returncode})", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latent", type=int, default=32, help="latent side (image side 8×)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--family", choices=("pasd", "pasd_light"), default="pasd")
+    ap.add_argument("--only", choices=("jax", "torch"), default=None)
+    ap.add_argument("--attention", choices=("auto", "xla", "chunked"), default=None,
+                    help="PASD_JAX_ATTENTION for the JAX child (default: its environment, else auto)")
+    ap.add_argument("--min-free-gb", type=float, default=2.0)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one chip (default: table)")
+    ap.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps((child_jax if args.child == "jax" else child_torch)(args)), flush=True)
+        return
+    from pasd_jax.perf import peak
+
+    top = peak.peak_tflops(override=args.peak_tflops, dtype="float32")
+    print(f"one CFG step (batch 2), latent {args.latent}², SD1.5-size random weights, float32", flush=True)
+    results = {}
+    for which in ([args.only] if args.only else ["jax", "torch"]):
+        r = _run_child(which, args)
+        if r is None:
+            continue
+        results[which] = r
+        comp = f"compile {r['compile_s']:.1f} s, " if r["compile_s"] is not None else ""
+        extra = f", attention {r['attention']}" if which == "jax" else f", {r['threads']} threads"
+        print(f"{r['framework']:9s} {r['what']}: {comp}first {r['first_s']:.2f} s, step {r['step_s']:.3f} s "
+              f"(median of {args.repeats}), {r['flops'] / 1e9:.0f} GFLOP, {peak.describe(r['flops'], r['step_s'], top)}, "
+              f"peak RSS {r['peak_rss_gb']:.2f} GiB{extra}", flush=True)
+    if len(results) == 2:
+        ratio = results["jax"]["step_s"] / results["torch"]["step_s"]
+        print(f"time ratio pasd-jax / diffusers: {ratio:.2f}; memory ratio "
+              f"{results['jax']['peak_rss_gb'] / results['torch']['peak_rss_gb']:.2f}", flush=True)
+    print(json.dumps({"latent": args.latent, **{k: v for k, v in results.items()}}))
+    sys.exit(0 if results else 1)
+
+
+if __name__ == "__main__":
+    main()
