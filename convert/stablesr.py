@@ -126,8 +126,9 @@ def convert_models(sr_path: str, cfw_path: str, *, sr_yaml: str | None = None, c
               for name in ("unet", "struct_encoder", "first_stage")}
     params["cfw"] = _convert("cfw", configs["cfw"], cfw_plan, cfw.tensors, cfw_path, problems)
     if problems:
-        hint = "" if sr_yaml else "\n  (no --config given: the released StableSR-512 configuration was assumed)"
-        raise ConversionError("StableSR weights do not match the model:\n" + "\n".join(problems) + hint)
+        against = (f"the configs {sr_yaml} / {cfw_yaml or 'released CFW'}" if sr_yaml or cfw_yaml else
+                   "the released StableSR-512 configuration (pass --config / --cfw-config for other models)")
+        raise ConversionError(f"StableSR weights do not match {against}:\n" + "\n".join(problems))
     context = empty_context(sr.tensors, text_keys, sr_path) if text_keys else None
     lines = [f"{sr_path}: StableSR SR checkpoint; {cfw_path}: StableSR CFW autoencoder"]
     for name in COMPONENTS:
@@ -141,18 +142,20 @@ def convert_models(sr_path: str, cfw_path: str, *, sr_yaml: str | None = None, c
 
 
 def write_folder(dst: str, configs: Mapping[str, dict], params: Mapping[str, dict], context, *,
-                 overwrite: bool = False, sources: Mapping[str, str] | None = None) -> None:
-    """Write a converted StableSR folder atomically (module docstring for the layout)."""
+                 overwrite: bool = False, sources: Mapping[str, str] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
+    """Write a converted StableSR folder atomically (module docstring for the layout); `extra`
+    entries are added to (or replace) the manifest's."""
     with weights.staged_folder(dst, overwrite=overwrite) as staged:
         for name in COMPONENTS:
             save_converted_streaming(os.path.join(staged, name), configs[name], params[name],
                                      component=f"stablesr_{name}")
         if context is not None:
             write_safetensors(os.path.join(staged, CONTEXT_NAME), {"context": np.asarray(context, np.float32)})
-        weights.write_manifest(staged, {"model": "stablesr", "format_version": weights.FORMAT_VERSION,
-                                        "components": {n: n for n in COMPONENTS}, "sampling": configs["sampling"],
-                                        "context": CONTEXT_NAME if context is not None else None,
-                                        "sources": dict(sources or {})})
+        manifest = {"model": "stablesr", "format_version": weights.FORMAT_VERSION,
+                    "components": {n: n for n in COMPONENTS}, "sampling": configs.get("sampling"),
+                    "context": CONTEXT_NAME if context is not None else None, "sources": dict(sources or {})}
+        weights.write_manifest(staged, {**manifest, **dict(extra or {})})
 
 
 EPILOG = """\

@@ -23,6 +23,7 @@ Divergence: the reference crashes when one padded side is <= vqgantile_size < th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +84,8 @@ class StableSRModels:
     params: dict            # component name -> params
     sampling: dict          # linear_start, linear_end, timesteps, image_size, scale_factor
     context: np.ndarray     # (1, L, D) empty-prompt context
-    compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted functions, built once
+    smoke: bool = False     # the built-in smoke model (random weights)
+    source: str = ""
 
     @property
     def scale_factor(self) -> float:
@@ -95,18 +97,20 @@ class StableSRModels:
                                       linear_end=s.get("linear_end", 0.012), timesteps=s.get("timesteps", 1000))
 
 
-def _fns(models: StableSRModels) -> dict:
-    """The jitted pieces of `models`, built on first use and kept on the object."""
-    if models.compiled:
-        return models.compiled
-    cfw, fs = models.cfw, models.first_stage
-    models.compiled.update(
+@functools.lru_cache(maxsize=8)
+def _compiled(unet, struct_encoder, first_stage, cfw) -> dict:
+    """Jitted pieces for one architecture (Flax modules hash by their fields), shared by every
+    load of the same model so a second load does not recompile."""
+    return dict(
         cfw_encode=jax.jit(lambda p, x: cfw.apply({"params": p}, x, method="encode")),
         cfw_decode=jax.jit(lambda p, z, f, w: cfw.apply({"params": p}, z, f, w, method="decode")),
-        first_stage=jax.jit(lambda p, x: fs.apply({"params": p}, x)),
-        ddpm=make_ddpm_loop(models.unet, models.struct_encoder),
+        first_stage=jax.jit(lambda p, x: first_stage.apply({"params": p}, x)),
+        ddpm=make_ddpm_loop(unet, struct_encoder),
         adain=jax.jit(adaptive_instance_normalization), wavelet=jax.jit(wavelet_reconstruction))
-    return models.compiled
+
+
+def _fns(models: StableSRModels) -> dict:
+    return _compiled(models.unet, models.struct_encoder, models.first_stage, models.cfw)
 
 
 def color_fix(fns: dict, kind: str, x, reference):
