@@ -85,8 +85,21 @@ def _convert(component: str, config: dict, plan: Mapping, tensors: Mapping, what
     try:
         return torch_to_flax(_materialize(plan, tensors), abstract_params(module), what=f"{what} ({component})")
     except ConversionError as err:
-        problems.append(str(err))
+        problems.append(_with_file_names(str(err), plan))
         return {}
+
+
+def _with_file_names(message: str, plan: Mapping[str, tuple]) -> str:
+    """Name the file's own keys in a mapping error (the mapping saw our renamed keys)."""
+    back = {new: src for new, (src, _) in plan.items() if new != src}
+    lines = []
+    for line in message.split("\n"):
+        body = line.lstrip()
+        key = body.split(":")[0].split(" ")[0]
+        if key in back:
+            line = line[:len(line) - len(body)] + back[key] + body[len(key):]
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def empty_context(state: Mapping[str, Any], text_keys: Sequence[str], what: str) -> np.ndarray:
