@@ -114,6 +114,10 @@ def run(args, todo, skipped: int) -> int:
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if models.smoke:  # tiny networks: XLA's optimisation passes cost more compile time than they save
+        import jax
+
+        jax.config.update("jax_disable_most_optimizations", True)
     print(f"loaded StableSR from {models.source} in {time.perf_counter() - t0:.1f} s"
           + (" (SMOKE MODEL, random weights)" if models.smoke else "")
           + f"; {script} script, {options.ddpm_steps} DDPM steps, w {options.dec_w}, colour fix "
