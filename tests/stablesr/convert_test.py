@@ -103,3 +103,36 @@ def test_converted_folder_round_trip(golden_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError):
         stablesr.write_folder(str(tmp_path / "m"), configs, params, context)
+
+
+def test_other_architectures_round_trip_through_the_original_names(tmp_path):
+    """A 4-level SFT UNet with channel changes and 2 res blocks, 48-wide features, context 24, a CFW
+    with 2 RRDBs and fusion layers of different widths: written in the original names + yaml, our
+    converter gives back exactly the parameters."""
+    import yaml
+
+    from convert.mapping import flatten_tree
+    from convert.stablesr_layout import cfw_config, sr_configs
+    from tests.stablesr import ldm_writer
+
+    unet = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2, 2, 4], num_res_blocks=2,
+                attention_resolutions=[4, 2, 1], num_head_channels=16, context_dim=24, semb_channels=48,
+                use_linear_in_transformer=True)
+    enc = dict(in_channels=4, model_channels=32, out_channels=48, num_res_blocks=2, attention_resolutions=[4, 2, 1],
+               channel_mult=[1, 1, 2, 2], num_heads=4, num_head_channels=-1)
+    ys = ldm_writer.yaml_configs(unet, enc, dict(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1),
+                                 dict(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1, num_fuse_block=2), 64)
+    configs = sr_configs(yaml.safe_load(ys[0])["model"])
+    configs["cfw"] = cfw_config(yaml.safe_load(ys[1])["model"])
+    params = {n: ldm_writer.random_params(n, configs[n], i) for i, n in enumerate(stablesr.COMPONENTS)}
+    w = ldm_writer.write_weights(tmp_path, configs, params, ys)
+    got_configs, got, _, _ = stablesr.convert_models(*(str(tmp_path / w[k]) for k in ("stablesr", "vqgan_cfw")),
+                                                     sr_yaml=str(tmp_path / w["stablesr_config"]),
+                                                     cfw_yaml=str(tmp_path / w["vqgan_cfw_config"]))
+    assert got_configs["unet"]["attention_head_dim"] == [2, 4, 4, 8]
+    assert got_configs["cfw"]["num_fuse_block"] == 2
+    for name in stablesr.COMPONENTS:
+        ref, out = flatten_tree(params[name]), flatten_tree(got[name])
+        assert set(ref) == set(out), name
+        for path in ref:
+            np.testing.assert_array_equal(out[path], ref[path], err_msg="/".join(path))
