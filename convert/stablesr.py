@@ -7,10 +7,9 @@ Both files go through the converter's torch-free readers (`.ckpt` / `.pt` weight
 saying what it found; the mapping is strict (`convert.stablesr_layout`): every unexpected, missing
 or mis-shaped key is listed, and the keys dropped by name are counted in the report. The result:
 
-    DST/pasd_jax.json                 {"model": "stablesr", "sampling": {...}, "components": {...}}
-    DST/unet, struct_encoder, first_stage, cfw    config.json + flax_params.safetensors each
-    DST/empty_context.safetensors     the cond stage's output for the empty prompt (1, 77, D),
-                                      when the SR file carries the OpenCLIP text tower
+    DST/pasd_jax.json, DST/{unet,struct_encoder,first_stage,cfw}/, DST/empty_context.safetensors
+    (the layout of `pasd_jax.assembly.stablesr`; the context only when the SR file carries the
+    OpenCLIP text tower)
 
 The scripts only ever encode the empty prompt (STABLESR_REFERENCE §8.1 step 4), so the text
 tower runs once here (tokens `[SOT, EOT, 0, …]`, penultimate layer + ln_final) and is not stored.
@@ -32,28 +31,12 @@ import yaml
 
 from convert import ldm, single_file
 from convert.mapping import ConversionError, torch_to_flax
-from convert.safetensors_writer import save_converted_streaming, write_safetensors
 from convert.stablesr_layout import StableSRLayoutError, cfw_config, plan_cfw, plan_sr, require, sr_configs
-from pasd_jax.models import cfw_vae, clip_text, stablesr_encoder, stablesr_unet
-from pasd_jax.models import weights
-
-COMPONENTS = ("unet", "struct_encoder", "first_stage", "cfw")
-CONTEXT_NAME = "empty_context.safetensors"
+from pasd_jax.assembly import weights
+from pasd_jax.assembly.stablesr import COMPONENTS, abstract_params, build_module, write_folder
+from pasd_jax.models import clip_text
 #: OpenCLIP token ids of the empty prompt: SOT, EOT, then open_clip's 0 padding.
 SOT, EOT = 49406, 49407
-
-
-def build_module(component: str, config: Mapping[str, Any], **overrides):
-    """Flax module of a StableSR component from its converted config."""
-    if component == "unet":
-        return stablesr_unet.from_config(config, **overrides)
-    if component == "struct_encoder":
-        return stablesr_encoder.from_config(config, **overrides)
-    return cfw_vae.from_config(config, cfw=component == "cfw", **overrides)
-
-
-def abstract_params(module) -> dict:
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), **module.init_inputs()))["params"]
 
 
 def read_yaml_model(path: str | None) -> dict | None:
@@ -154,23 +137,6 @@ def convert_models(sr_path: str, cfw_path: str, *, sr_yaml: str | None = None, c
     return configs, params, context, lines
 
 
-def write_folder(dst: str, configs: Mapping[str, dict], params: Mapping[str, dict], context, *,
-                 overwrite: bool = False, sources: Mapping[str, str] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
-    """Write a converted StableSR folder atomically (module docstring for the layout); `extra`
-    entries are added to (or replace) the manifest's."""
-    with weights.staged_folder(dst, overwrite=overwrite) as staged:
-        for name in COMPONENTS:
-            save_converted_streaming(os.path.join(staged, name), configs[name], params[name],
-                                     component=f"stablesr_{name}")
-        if context is not None:
-            write_safetensors(os.path.join(staged, CONTEXT_NAME), {"context": np.asarray(context, np.float32)})
-        manifest = {"model": "stablesr", "format_version": weights.FORMAT_VERSION,
-                    "components": {n: n for n in COMPONENTS}, "sampling": configs.get("sampling"),
-                    "context": CONTEXT_NAME if context is not None else None, "sources": dict(sources or {})}
-        weights.write_manifest(staged, {**manifest, **dict(extra or {})})
-
-
 EPILOG = """\
 SR_CKPT is the StableSR diffusion checkpoint (stablesr_000117.ckpt / .safetensors: model.diffusion_model.*,
 structcond_stage_model.*, first_stage_model.*, cond_stage_model.*); CFW_CKPT the CFW autoencoder
@@ -201,15 +167,15 @@ def run(argv: Sequence[str]) -> int:
     weights.check_destination(args.dst, args.overwrite)
     configs, params, context, lines = convert_models(args.sr_ckpt, args.cfw_ckpt, sr_yaml=args.config,
                                                      cfw_yaml=args.cfw_config)
-    write_folder(args.dst, configs, params, context, overwrite=args.overwrite,
-                 sources={"sr": os.path.abspath(args.sr_ckpt), "cfw": os.path.abspath(args.cfw_ckpt)})
+    write_folder(args.dst, configs, params, context, sampling=configs["sampling"], overwrite=args.overwrite,
+                 extra={"sources": {"sr": os.path.abspath(args.sr_ckpt), "cfw": os.path.abspath(args.cfw_ckpt)}})
     if not args.quiet:
         for line in lines + [f"converted into {args.dst} in {time.perf_counter() - start:.1f} s"]:
             print(line)
     return 0
 
 
-__all__ = ["StableSRLayoutError", "convert_models", "write_folder", "build_module", "run"]
+__all__ = ["COMPONENTS", "StableSRLayoutError", "convert_models", "run"]
 
 if __name__ == "__main__":
     sys.exit(run(sys.argv[1:]))

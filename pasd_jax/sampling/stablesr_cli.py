@@ -19,13 +19,15 @@ import time
 
 import numpy as np
 
-SCRIPT_DEFAULTS = {"ddpm_steps": 1000, "dec_w": 0.5, "upscale": 4, "input_size": 512, "tile_overlap": 32,
-                   "color_fix": "nofix", "vqgantile_size": 1280, "vqgantile_stride": 1000, "seed": 42,
-                   "tiles_per_call": 1, "sr_script": "tile"}
+from pasd_jax.sampling import defaults
+
+SCRIPT_DEFAULTS = defaults.STABLESR
 #: `--demo --method stablesr`: small enough for a CPU, with VQGAN pixel tiling (4 patches) and a
 #: 3×3 latent canvas per patch on the 192² demo image.
 DEMO_DEFAULTS = dict(SCRIPT_DEFAULTS, ddpm_steps=4, upscale=1, input_size=64, tile_overlap=4, vqgantile_size=128,
                      vqgantile_stride=64, color_fix="wavelet")
+SMOKE_BANNER = ("SMOKE MODEL: tiny built-in StableSR with random weights — this checks that the StableSR pipeline "
+                "runs; the output is NOT a restoration. Use --ckpt with a converted StableSR model for real results.")
 METHODS = ("auto", "pasd", "stablesr")
 
 
@@ -47,7 +49,7 @@ def resolve_method(args) -> str:
     if args.method != "auto":
         return args.method
     if args.ckpt and not args.demo:
-        from pasd_jax.sampling.stablesr_loader import is_stablesr_folder
+        from pasd_jax.assembly.stablesr import is_stablesr_folder
 
         return "stablesr" if is_stablesr_folder(args.ckpt) else "pasd"
     return "pasd"
@@ -97,7 +99,8 @@ def run(args, todo, skipped: int) -> int:
 
     from pasd_jax.imaging.color_fix import to_uint8_truncate
     from pasd_jax.imaging.io import ImageReadError, load_image, write_image
-    from pasd_jax.sampling import stablesr_loader
+    from pasd_jax.assembly.stablesr import load_stablesr
+    from pasd_jax.fixtures.stablesr_tiny import smoke_model_dir
     from pasd_jax.sampling.stablesr_pipeline import SeededNoise, restore_old, restore_tile
     from pasd_jax.sampling.stablesr_preprocess import load_img_old, read_image_tile
 
@@ -109,8 +112,7 @@ def run(args, todo, skipped: int) -> int:
     script, seed = _value(args, "sr_script"), _value(args, "seed")
     t0 = time.perf_counter()
     try:
-        folder = stablesr_loader.smoke_model_dir() if args.demo else args.ckpt
-        models = stablesr_loader.load_stablesr(folder)
+        models = load_stablesr(smoke_model_dir() if args.demo else args.ckpt)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

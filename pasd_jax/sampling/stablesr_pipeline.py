@@ -28,29 +28,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pasd_jax.assembly.stablesr import StableSRBundle
 from pasd_jax.diffusion.respaced_ddpm import RespacedSchedule
 from pasd_jax.imaging.color_fix import adaptive_instance_normalization, wavelet_reconstruction
 from pasd_jax.imaging.tiling import gaussian_weights
 from pasd_jax.imaging.torch_resize import reflect_pad_to_32, resize_bicubic, scaled_size
 from pasd_jax.models.cfw_vae import split_moments
+from pasd_jax.sampling import defaults
 from pasd_jax.sampling.stablesr_sampler import canvas_loop, make_ddpm_loop
 
-COLOR_FIXES = ("adain", "wavelet", "nofix")
+COLOR_FIXES = defaults.STABLESR_COLOR_FIXES
+_D = defaults.STABLESR
 
 
 @dataclasses.dataclass(frozen=True)
 class StableSROptions:
-    """Script options; defaults are `sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py`'s (§8.5)."""
+    """Script options; defaults are `sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py`'s (§8.5,
+    `pasd_jax.sampling.defaults.STABLESR`)."""
 
-    ddpm_steps: int = 1000
-    dec_w: float = 0.5
-    colorfix_type: str = "nofix"
-    upscale: float = 4.0
-    input_size: int = 512
-    tile_overlap: int = 32
-    vqgantile_size: int = 1280
-    vqgantile_stride: int = 1000
-    tiles_per_call: int = 4
+    ddpm_steps: int = _D["ddpm_steps"]
+    dec_w: float = _D["dec_w"]
+    colorfix_type: str = _D["color_fix"]
+    upscale: float = float(_D["upscale"])
+    input_size: int = _D["input_size"]
+    tile_overlap: int = _D["tile_overlap"]
+    vqgantile_size: int = _D["vqgantile_size"]
+    vqgantile_stride: int = _D["vqgantile_stride"]
+    tiles_per_call: int = _D["tiles_per_call"]
 
     def __post_init__(self):
         if self.colorfix_type not in COLOR_FIXES:
@@ -73,30 +77,6 @@ class SeededNoise:
         return np.asarray(jax.random.normal(sub, tuple(shape), jnp.float32))
 
 
-@dataclasses.dataclass
-class StableSRModels:
-    """Modules + params of a converted StableSR model (`pasd_jax.sampling.stablesr_loader`)."""
-
-    unet: object
-    struct_encoder: object
-    first_stage: object
-    cfw: object
-    params: dict            # component name -> params
-    sampling: dict          # linear_start, linear_end, timesteps, image_size, scale_factor
-    context: np.ndarray     # (1, L, D) empty-prompt context
-    smoke: bool = False     # the built-in smoke model (random weights)
-    source: str = ""
-
-    @property
-    def scale_factor(self) -> float:
-        return float(self.sampling.get("scale_factor", 0.18215))
-
-    def schedule(self, steps: int) -> RespacedSchedule:
-        s = self.sampling
-        return RespacedSchedule.build(steps, linear_start=s.get("linear_start", 0.00085),
-                                      linear_end=s.get("linear_end", 0.012), timesteps=s.get("timesteps", 1000))
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled(unet, struct_encoder, first_stage, cfw) -> dict:
     """Jitted pieces for one architecture (Flax modules hash by their fields), shared by every
@@ -109,7 +89,7 @@ def _compiled(unet, struct_encoder, first_stage, cfw) -> dict:
         adain=jax.jit(adaptive_instance_normalization), wavelet=jax.jit(wavelet_reconstruction))
 
 
-def _fns(models: StableSRModels) -> dict:
+def _fns(models: StableSRBundle) -> dict:
     return _compiled(models.unet, models.struct_encoder, models.first_stage, models.cfw)
 
 
@@ -119,7 +99,7 @@ def color_fix(fns: dict, kind: str, x, reference):
     return fns[kind](x, reference)
 
 
-def _net_params(models: StableSRModels) -> dict:
+def _net_params(models: StableSRBundle) -> dict:
     return {"unet": models.params["unet"], "struct_encoder": models.params["struct_encoder"]}
 
 
@@ -142,7 +122,7 @@ def _step_noises(noise, steps: int, shape) -> np.ndarray:
     return np.stack([noise.draw("noise_like", shape) for _ in range(steps)])
 
 
-def restore_old(models: StableSRModels, images: np.ndarray, options: StableSROptions, noise) -> dict:
+def restore_old(models: StableSRBundle, images: np.ndarray, options: StableSROptions, noise) -> dict:
     """`_old` script on a batch of LR images [B, S, S, 3] in [−1, 1] (S = input_size)."""
     fns, sf = _fns(models), models.scale_factor
     x = jnp.asarray(images, jnp.float32)
@@ -208,7 +188,7 @@ def _sample_patch(models, fns, patch, options, noise, prefix: str, out: dict):
     return np.asarray(fixed)
 
 
-def restore_tile(models: StableSRModels, image: np.ndarray, options: StableSROptions, noise, progress=None) -> dict:
+def restore_tile(models: StableSRBundle, image: np.ndarray, options: StableSROptions, noise, progress=None) -> dict:
     """`_oldcanvas_tile` script on one LR image [1, h, w, 3] in [−1, 1] (module docstring)."""
     fns = _fns(models)
     h, w = image.shape[1:3]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pasd_jax.sampling import cli, stablesr_cli
-from pasd_jax.sampling.stablesr_loader import make_smoke_model
+from pasd_jax.fixtures.stablesr_tiny import make_smoke_model
 
 FAST = ["--ddpm-steps", "2", "--input-size", "64", "--tile-overlap", "4", "--vqgantile-size", "64",
         "--vqgantile-stride", "32", "--color-fix", "wavelet"]

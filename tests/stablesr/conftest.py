@@ -37,7 +37,7 @@ def golden_manifest(golden_dir):
 
 @pytest.fixture(scope="session")
 def golden_models(golden_dir, golden_manifest):
-    from pasd_jax.golden_stablesr import load_models
+    from golden.stablesr import load_models
 
     return load_models(str(golden_dir), golden_manifest)
 

@@ -87,12 +87,12 @@ def test_cli_refuses_swapped_and_damaged_files_with_one_line(golden_dir, tmp_pat
 
 
 def test_converted_folder_round_trip(golden_dir, tmp_path):
-    from pasd_jax.sampling.stablesr_loader import is_stablesr_folder, load_stablesr
+    from pasd_jax.assembly.stablesr import is_stablesr_folder, load_stablesr, write_folder
 
     sr, cfw, sr_yaml, cfw_yaml = _paths(golden_dir)
     configs, params, context, _ = stablesr.convert_models(sr, cfw, sr_yaml=sr_yaml, cfw_yaml=cfw_yaml)
     assert context is None  # the dev weights carry no text tower
-    stablesr.write_folder(str(tmp_path / "m"), configs, params, context)
+    write_folder(str(tmp_path / "m"), configs, params, context, sampling=configs["sampling"])
     assert is_stablesr_folder(tmp_path / "m")
     with pytest.raises(ValueError, match="no empty-prompt context"):
         load_stablesr(tmp_path / "m")
@@ -102,7 +102,7 @@ def test_converted_folder_round_trip(golden_dir, tmp_path):
     b = models.params["unet"]["down_blocks_0"]["resnets_0"]["spade"]["mlp_gamma"]["kernel"]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError):
-        stablesr.write_folder(str(tmp_path / "m"), configs, params, context)
+        write_folder(str(tmp_path / "m"), configs, params, context, sampling=configs["sampling"])
 
 
 def test_other_architectures_round_trip_through_the_original_names(tmp_path):
@@ -111,7 +111,7 @@ def test_other_architectures_round_trip_through_the_original_names(tmp_path):
     converter gives back exactly the parameters."""
     import yaml
 
-    from convert.mapping import flatten_tree
+    from pasd_jax.assembly.paths import flatten as flatten_tree
     from convert.stablesr_layout import cfw_config, sr_configs
     from tests.stablesr import ldm_writer
 

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from convert import ldm, stablesr_layout
 from convert.mapping import flax_to_torch
-from convert.stablesr import abstract_params, build_module
+from pasd_jax.assembly.stablesr import abstract_params, build_module
 
 _ENCODER_BACK = [(re.compile(r"(^|\.)" + re.escape(b) + r"\."), r"\1" + a + ".") for a, b in (
     ("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),

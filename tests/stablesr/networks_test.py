@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
-from pasd_jax.golden_stablesr import run_cfw, run_colorfix, run_unet_sft, to_nchw
+from golden.stablesr import run_cfw, run_colorfix, run_unet_sft, to_nchw
 from tests.stablesr.conftest import compare_ok
 
 

@@ -55,7 +55,7 @@ def test_vqgan_patch_order_is_column_major():
 def test_end_to_end_scripts_match_golden(golden_dir, golden_manifest, golden_models, variant):
     import jax
 
-    from pasd_jax.golden_stablesr import run_e2e_old, run_e2e_tile, to_nchw
+    from golden.stablesr import run_e2e_old, run_e2e_tile, to_nchw
 
     case = golden_manifest["variants"][variant]["cases"]["case0"]
     inputs = load_file(golden_dir / case["inputs"])

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import stablesr as stablesr_config
-from pasd_jax.sampling.stablesr_loader import load_stablesr, make_smoke_model
+from pasd_jax.assembly.stablesr import load_stablesr
+from pasd_jax.fixtures.stablesr_tiny import make_smoke_model
 from pasd_jax.train import stablesr_step
 from pasd_jax.train.optim import make_optimizer
 from pasd_jax.train.state import TrainState, flat, split

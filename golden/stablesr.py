@@ -1,4 +1,4 @@
-"""StableSR golden harness: `python -m pasd_jax.golden --stablesr GOLDEN_DIR OUT_DIR`.
+"""StableSR golden harness: `python -m golden --stablesr GOLDEN_DIR OUT_DIR` (or `python -m pasd_jax.golden ...`).
 
 Reads `GOLDEN_DIR/manifest.json` (layout of `shared/reference/stablesr_golden/README.md`): the
 weights (original key names, converted here through `convert.stablesr.convert_models` with the
@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from convert.stablesr import build_module, convert_models
+from convert.stablesr import convert_models
+from pasd_jax.assembly.stablesr import StableSRBundle, bundle_from
 from pasd_jax.imaging.color_fix import adaptive_instance_normalization, wavelet_reconstruction
-from pasd_jax.sampling.stablesr_pipeline import StableSRModels, StableSROptions, restore_old, restore_tile
+from pasd_jax.sampling.stablesr_pipeline import StableSROptions, restore_old, restore_tile
 from pasd_jax.sampling.stablesr_preprocess import load_img_old, read_image_tile
 
 
@@ -82,19 +83,17 @@ class SavedNoise:
             raise StableSRGoldenError(f"{len(self._queue)} saved noises were not drawn: {self._queue[0][0]} ...")
 
 
-def load_models(golden_dir: str, manifest: dict, context=None) -> StableSRModels:
+def load_models(golden_dir: str, manifest: dict, context=None) -> StableSRBundle:
     w = manifest["weights"]
     path = lambda key: os.path.join(golden_dir, w[key]) if w.get(key) else None
     configs, params, ctx, _ = convert_models(path("stablesr"), path("vqgan_cfw"), sr_yaml=path("stablesr_config"),
                                              cfw_yaml=path("vqgan_cfw_config"))
-    modules = {name: build_module(name, configs[name]) for name in ("unet", "struct_encoder", "first_stage", "cfw")}
     sampling = dict(configs["sampling"])
     sampling["scale_factor"] = float(manifest.get("scale_factor", sampling["scale_factor"]))
-    return StableSRModels(**modules, params=jax.device_put(params), sampling=sampling,
-                          context=ctx if context is None else context)
+    return bundle_from(configs, params, sampling, ctx if context is None else context, source=golden_dir)
 
 
-def run_unet_sft(models: StableSRModels, inputs: dict, case: dict) -> dict:
+def run_unet_sft(models: StableSRBundle, inputs: dict, case: dict) -> dict:
     t = jnp.asarray(inputs["timesteps"]).astype(jnp.int32)
     feats = models.struct_encoder.apply({"params": models.params["struct_encoder"]}, nhwc(inputs["struct_cond"]), t)
     eps = models.unet.apply({"params": models.params["unet"]}, nhwc(inputs["x_noisy"]), t,
@@ -102,7 +101,7 @@ def run_unet_sft(models: StableSRModels, inputs: dict, case: dict) -> dict:
     return {**{f"struct_cond.{k}": v for k, v in feats.items()}, "eps": eps}
 
 
-def run_cfw(models: StableSRModels, inputs: dict, variant: dict) -> dict:
+def run_cfw(models: StableSRBundle, inputs: dict, variant: dict) -> dict:
     cfw, p = models.cfw, models.params["cfw"]
     lq = nhwc(inputs["lq_image"])
     moments, feats = cfw.apply({"params": p}, lq, method="encode")
@@ -139,7 +138,7 @@ def lr_images(inputs: dict, case: dict) -> list[np.ndarray]:
     return [inputs[f"lq_uint8_hwc.{i}"] for i in range(n)]
 
 
-def run_e2e_old(models: StableSRModels, inputs: dict, case: dict) -> dict:
+def run_e2e_old(models: StableSRBundle, inputs: dict, case: dict) -> dict:
     options, n_samples = options_of(case)
     images = np.stack([load_img_old(im, options.input_size) for im in lr_images(inputs, case)])
     noise, parts = SavedNoise(inputs, case.get("randn_order")), []
@@ -152,7 +151,7 @@ def run_e2e_old(models: StableSRModels, inputs: dict, case: dict) -> dict:
     return out
 
 
-def run_e2e_tile(models: StableSRModels, inputs: dict, case: dict) -> dict:
+def run_e2e_tile(models: StableSRBundle, inputs: dict, case: dict) -> dict:
     options, _ = options_of(case)
     images = lr_images(inputs, case)
     if len(images) != 1:
@@ -201,7 +200,7 @@ def run_stablesr_golden(golden_dir: str, out_dir: str, log=print) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pasd_jax.golden --stablesr", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m golden --stablesr", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("golden_dir")
     ap.add_argument("out_dir")
