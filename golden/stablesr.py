@@ -67,6 +67,12 @@ class SavedNoise:
     def reseed(self) -> None:
         pass
 
+    def peek_batch(self) -> int:
+        """Batch size of the next saved draw."""
+        if not self._queue:
+            raise StableSRGoldenError("the case has no saved noise tensors")
+        return self._queue[0][1].shape[0]
+
     def draw(self, kind: str, shape) -> np.ndarray:
         if not self._queue:
             raise StableSRGoldenError(f"the case has no saved noise left for a {kind!r} draw")
@@ -139,9 +145,12 @@ def lr_images(inputs: dict, case: dict) -> list[np.ndarray]:
 
 
 def run_e2e_old(models: StableSRBundle, inputs: dict, case: dict) -> dict:
-    options, n_samples = options_of(case)
+    options, _ = options_of(case)
     images = np.stack([load_img_old(im, options.input_size) for im in lr_images(inputs, case)])
     noise, parts = SavedNoise(inputs, case.get("randn_order")), []
+    # The script batches --n_samples images (default 2); the first saved draw (the batch's posterior
+    # sample) has exactly that batch size, so take it from there.
+    n_samples = int(noise.peek_batch())
     for start in range(0, len(images), max(n_samples, 1)):
         parts.append(restore_old(models, images[start:start + n_samples], options, noise))
     noise.check_used()
