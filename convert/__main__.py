@@ -43,6 +43,7 @@ other commands (each has --help):
   python -m convert base SRC --name NAME   store a converted base model under $PASD_JAX_HOME
   python -m convert list                   list stored base models
   python -m convert export SRC DST         write converted weights back as a PyTorch diffusers folder
+  python -m convert stablesr SR_CKPT CFW_CKPT DST   convert a StableSR model (SR checkpoint + CFW autoencoder)
 
 examples:
   python -m convert ~/sd15/unet converted/unet
@@ -57,7 +58,14 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "base": commands.run_base,
     "list": commands.run_list,
     "export": commands.run_export,
+    "stablesr": lambda argv: _run_stablesr(argv),
 }
+
+
+def _run_stablesr(argv: Sequence[str]) -> int:
+    from convert import stablesr  # imported on demand: it builds the StableSR modules
+
+    return stablesr.run(argv)
 
 # Errors with a message meant for the user; anything else is reported with its type.
 EXPECTED_ERRORS = (ConversionError, torch_io.CheckpointReadError, FileNotFoundError, FileExistsError,

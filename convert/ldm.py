@@ -50,6 +50,11 @@ def detect_model_type(state: Mapping[str, Any]) -> str:
     """
     keys = set(state)
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    from convert import stablesr_layout  # StableSR files share the LDM prefixes; tell them apart first
+
+    if stablesr_layout.describe(keys):
+        raise UnsupportedCheckpointError(f"found {stablesr_layout.found_what(keys)}; convert StableSR models with "
+                                         f"`python -m convert stablesr SR_CKPT CFW_CKPT DST`")
     if any(k.startswith("conditioner.embedders.") for k in keys):
         kind = "an SDXL refiner" if not any(k.startswith("conditioner.embedders.1.") for k in keys) else "SDXL"
         raise UnsupportedCheckpointError(f"found {kind} checkpoint (conditioner.embedders.* keys); "

@@ -2,6 +2,7 @@
 
     python -m pasd_jax.golden GOLDEN_DIR OUT_DIR [--variants pasd,pasd_rrdb] [--cases case1]
     python -m pasd_jax.golden --e2e E2E_DIR OUT_DIR      (end-to-end sampling; see golden/e2e.py)
+    python -m pasd_jax.golden --stablesr GOLDEN_DIR OUT_DIR   (StableSR; see golden/stablesr.py)
 
 (`python -m golden …` is the same command; this module is `golden.harness`.)
 
@@ -194,6 +195,11 @@ def run_golden(golden_dir: str, out_dir: str, *, variants: Optional[list] = None
 
 
 def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--stablesr"]:  # the StableSR golden contract (golden/stablesr.py)
+        from golden import stablesr
+
+        return stablesr.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m pasd_jax.golden", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("golden_dir", help="golden root (manifest.json), or with --e2e the e2e folder or its root")

@@ -1,4 +1,4 @@
-"""`python -m pasd_jax.golden [--e2e] GOLDEN_DIR OUT_DIR …`: forwards to the `golden` harness.
+"""`python -m pasd_jax.golden [--e2e | --stablesr] GOLDEN_DIR OUT_DIR …`: forwards to the `golden` harness.
 
 The golden harnesses read PyTorch-format folders through the converter, so they live in the
 top-level `golden` package (`golden.harness`, `golden.e2e`); `convert` imports `pasd_jax`, and

@@ -112,3 +112,21 @@ def to_uint8_truncate(x: jnp.ndarray) -> jnp.ndarray:
 def to_uint8_round(x: jnp.ndarray) -> jnp.ndarray:
     """float [0, 1] → uint8 as diffusers `numpy_to_pil`: `round(x·255)` (half to even), clipped."""
     return jnp.round(jnp.clip(x, 0.0, 1.0) * jnp.float32(255.0)).astype(jnp.uint8)
+
+
+def adaptive_instance_normalization(content: jnp.ndarray, style: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
+    """Unclamped AdaIN of StableSR's `scripts/wavelet_color_fix.py` (used on [−1, 1] tensors before
+    the final clamp, STABLESR_REFERENCE §8.6): `(c − μ_c)/σ_c · σ_s + μ_s`, unbiased variance + eps.
+    content, style: float32 [B, H, W, C] (same batch and channels; sizes may differ)."""
+    c_mean, c_std = _mean_std(jnp.asarray(content, jnp.float32), eps)
+    s_mean, s_std = _mean_std(jnp.asarray(style, jnp.float32), eps)
+    return (content - c_mean) / c_std * s_std + s_mean
+
+
+def wavelet_reconstruction(content: jnp.ndarray, style: jnp.ndarray) -> jnp.ndarray:
+    """Unclamped `high(content) + low(style)` (StableSR's `wavelet_reconstruction`, §8.6).
+    content, style: float32 [B, H, W, C] of the same shape."""
+    _check_pair(jnp.shape(content), jnp.shape(style))
+    high, _ = wavelet_decomposition(jnp.asarray(content, jnp.float32))
+    _, low = wavelet_decomposition(jnp.asarray(style, jnp.float32))
+    return high + low

@@ -15,10 +15,14 @@ import jax.numpy as jnp
 
 from pasd_jax.models.configs import all_in, is_none, one_of, per_block
 from pasd_jax.nn.embeddings import TimestepEmbedding, timestep_features
-from pasd_jax.nn.unet_blocks import CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn
+from pasd_jax.nn.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
+                                     UNetMidBlock2DCrossAttn, UpBlock2D)
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+BLOCK_CLASSES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D,
+                 "UNetMidBlock2DCrossAttn": UNetMidBlock2DCrossAttn, "CrossAttnUpBlock2D": CrossAttnUpBlock2D,
+                 "UpBlock2D": UpBlock2D}
 
 # Config options of diffusers' UNet/ControlNet that SD1.x/SD2.x never set and we do not implement.
 TRUNK_RULES = {
@@ -121,6 +125,11 @@ class SDTrunk(nn.Module):
     def _kw(self) -> dict:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+    def block_class(self, block_type: str):
+        """Constructor of a block type ("DownBlock2D", ..., "UNetMidBlock2DCrossAttn"); subclasses
+        swap in variants with the same fields (StableSR's SFT blocks)."""
+        return BLOCK_CLASSES[block_type]
+
     def make_time_embedding(self) -> TimestepEmbedding:
         return TimestepEmbedding(4 * self.block_out_channels[0], **self._kw())
 
@@ -134,17 +143,17 @@ class SDTrunk(nn.Module):
                           add_downsample=i < self.n_blocks - 1, downsample_padding=self.downsample_padding,
                           **self._kw())
             if block_type == "CrossAttnDownBlock2D":
-                blocks.append(CrossAttnDownBlock2D(
+                blocks.append(self.block_class(block_type)(
                     heads=self.heads()[i], transformer_layers=self.transformer_layers()[i],
                     cross_attention_dim=self.cross_dims()[i], use_linear_projection=self.use_linear_projection,
                     only_cross_attention=self.only_cross()[i], upcast_attention=self.upcast_attention, **common))
             else:
-                blocks.append(DownBlock2D(**common))
+                blocks.append(self.block_class("DownBlock2D")(**common))
         return blocks
 
     def make_mid_block(self) -> UNetMidBlock2DCrossAttn:
         c = self.block_out_channels[-1]
-        return UNetMidBlock2DCrossAttn(
+        return self.block_class("UNetMidBlock2DCrossAttn")(
             in_channels=c, out_channels=c, temb_channels=4 * self.block_out_channels[0], num_layers=1,
             resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps,
             output_scale_factor=self.mid_block_scale_factor, heads=self.heads()[-1],

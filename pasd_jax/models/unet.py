@@ -21,7 +21,7 @@ import flax.linen as nn
 from pasd_jax.models.configs import FAMILY_KEY, UnsupportedConfigError, check_supported, module_kwargs
 from pasd_jax.models.sd_trunk import TRUNK_RULES, SDTrunk
 from pasd_jax.nn.resnet import conv2d, group_norm
-from pasd_jax.nn.unet_blocks import FAMILIES, CrossAttnUpBlock2D, UpBlock2D
+from pasd_jax.nn.unet_blocks import FAMILIES
 
 
 class UNet2DConditionModel(SDTrunk):
@@ -59,8 +59,8 @@ class UNet2DConditionModel(SDTrunk):
                 cross_attention_dim=cross[i], use_linear_projection=self.use_linear_projection,
                 only_cross_attention=only_cross[i], upcast_attention=self.upcast_attention,
                 family=self.family, **self._kw())
-            cls = CrossAttnUpBlock2D if block_type == "CrossAttnUpBlock2D" else UpBlock2D
-            blocks.append(cls(**common))
+            cls = "CrossAttnUpBlock2D" if block_type == "CrossAttnUpBlock2D" else "UpBlock2D"
+            blocks.append(self.block_class(cls)(**common))
         return blocks
 
     def __call__(self, sample: jnp.ndarray, timestep: jnp.ndarray, encoder_hidden_states: jnp.ndarray,

@@ -3,6 +3,8 @@
     python sample.py --ckpt converted/pasd --base majicmix --input photos/ --output out/
     python sample.py --demo                           # tiny built-in smoke model, generated image
     python sample.py --demo --input photos/           # the smoke model on your own images
+    python sample.py --ckpt converted/stablesr --input lr/ --output sr/   # StableSR (auto-detected)
+    python sample.py --demo --method stablesr         # StableSR smoke model
     python sample.py --ckpt converted/pasd --base sd15 --lcm-lora lcm-lora-sdv1-5.safetensors \
         --guidance-scale 1.5 --input photos/ --output out/   # LCM-LoRA: LCM scheduler, 4 steps
 
@@ -38,7 +40,7 @@ from pasd_jax.assembly.loader import load_models
 from pasd_jax.diffusion.schedule import DDIM_DEFAULTS
 from pasd_jax.imaging.io import ImageReadError, list_images, load_image, write_image
 from pasd_jax.sampling import args as checks
-from pasd_jax.sampling import defaults, demo
+from pasd_jax.sampling import defaults, demo, stablesr_cli
 from pasd_jax.sampling.pipeline import Restorer, RestoreOptions, join_prompt
 
 IMAGE_SUFFIXES = checks.IMAGE_SUFFIXES
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help=f"use the tiny built-in SMOKE model (random weights) on --input, or on a generated image "
                         f"(output default: {demo.DEMO_OUTPUT}/)")
+    g.add_argument("--method", choices=stablesr_cli.METHODS, default="auto",
+                   help="pasd or stablesr; auto (default): stablesr for a converted StableSR --ckpt, else pasd")
     g = p.add_argument_group("input / output")
     g.add_argument("--input", help="image file or folder (PNG/JPEG/WebP/BMP/TIFF; other files in a folder are ignored)")
     g.add_argument("--output", help="output folder (created), or an image path (.png/.jpg/.webp) for a single input")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiles-per-call", type=checks.TILES_PER_CALL, default=defaults.TILES_PER_CALL,
                    help="tiles batched per network call (default: %(default)s)")
     g.add_argument("--vae-tiling", choices=defaults.VAE_TILINGS, default=defaults.VAE_TILING, help=VAE_TILING_HELP)
+    stablesr_cli.add_arguments(p)
     return p
 
 
@@ -164,6 +169,8 @@ def main(argv: Optional[Sequence[str]] = None, *, lora_fuser=None) -> int:
         return stop.code if isinstance(stop.code, int) else 0
     except checks.UsageError as err:
         return _fail(str(err))
+    args.given = stablesr_cli.given_flags(sys.argv[1:] if argv is None else argv)
+    method = stablesr_cli.resolve_method(args)
     if args.demo:
         args.output = args.output or demo.DEMO_OUTPUT
     input_path = pathlib.Path(args.input) if args.input else None
@@ -171,7 +178,13 @@ def main(argv: Optional[Sequence[str]] = None, *, lora_fuser=None) -> int:
         return _fail(f"--input {str(input_path)!r} does not exist")
     try:
         checks.check_output(args.output, single_file=input_path is None or input_path.is_file())
-        if args.demo:
+        if method == "stablesr":
+            if args.demo:
+                print(stablesr_cli.SMOKE_BANNER, file=sys.stderr)
+            elif not pathlib.Path(args.ckpt or "").is_dir():
+                print(f"error: --ckpt: StableSR model folder not found: {args.ckpt}", file=sys.stderr)
+                return 1
+        elif args.demo:
             checks.check_schedule_flags(args, assembly_defaults.SCHEDULER["num_train_timesteps"], "the smoke model")
         else:
             if not pathlib.Path(args.ckpt).is_dir():
@@ -204,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None, *, lora_fuser=None) -> int:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         print(f"error: output exists: {shown}; pass --overwrite to replace or --skip-existing to keep", file=sys.stderr)
         return 1
+    if method == "stablesr":
+        return stablesr_cli.run(args, todo, skipped)
     return _run(args, todo, skipped, ignored, lora_fuser)
 
 

@@ -45,3 +45,10 @@ VAE_TILING = "auto"           # "auto": above the thresholds below; "always"; "n
 VAE_TILINGS = ("auto", "always", "never")
 ENCODER_TILE, ENCODER_PAD = 1024, 32   # image px
 DECODER_TILE, DECODER_PAD = 224, 11    # latent px
+
+# ---- StableSR (`--method stablesr`): scripts/sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py's defaults
+# (STABLESR_REFERENCE §8.5); `sr_script` "old" runs sr_val_ddpm_text_T_vqganfin_old.py instead.
+STABLESR = {"ddpm_steps": 1000, "dec_w": 0.5, "upscale": 4, "input_size": 512, "tile_overlap": 32,
+            "color_fix": "nofix", "vqgantile_size": 1280, "vqgantile_stride": 1000, "seed": 42,
+            "tiles_per_call": 1, "sr_script": "tile"}
+STABLESR_COLOR_FIXES = ("adain", "wavelet", "nofix")
