@@ -91,7 +91,7 @@ def base_config() -> mlc.ConfigDict:
     c.train.trainable = ("^controlnet/", "pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus")
     c.train.dr_loss_weight = 1.0       # γ of the multi-scale to_rgbs L1 loss
     c.train.colorfulness_weight = 0.0  # 0.003 reproduces the reference's (triple-counted) 0.001
-    c.train.remat_policy = "none"      # "none", "full" or "dots" (jax.checkpoint around each model)
+    c.train.remat_policy = "none"      # per-block remat: "none", "full", "dots" or "attention" (nn/remat.py)
     c.train.log_every = 50
     c.train.ckpt_every = 5_000
     c.train.keep_checkpoints = 3

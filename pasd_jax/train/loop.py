@@ -26,6 +26,7 @@ from pasd_jax.assembly import registry
 from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.data import pipeline
 from pasd_jax.diffusion.schedule import NoiseSchedule
+from pasd_jax.nn.remat import check_policy
 from pasd_jax.train import checkpoint, sharding, validate
 from pasd_jax.train.metrics import MetricWriter
 from pasd_jax.train.optim import make_optimizer
@@ -57,12 +58,14 @@ def resolve_base(config, workdir: str) -> str:
 
 
 def build_models(configs: dict, config, schedule: NoiseSchedule, source: str = "training") -> PASDBundle:
-    """The networks with the configured compute dtypes and the training schedule; no params (they
-    live in the train state and the frozen tree, float32)."""
+    """The networks with the configured compute dtypes, per-block remat (`train.remat_policy`,
+    `pasd_jax.nn.remat`) in the UNet and ControlNet, and the training schedule; no params (they
+    live in the train state and the frozen tree)."""
     compute = DTYPES[config.dtype.compute]
-    unet = registry.build_module(configs["unet"], dtype=compute)
+    remat = check_policy(config.train.remat_policy)
+    unet = registry.build_module(configs["unet"], dtype=compute).clone(remat_policy=remat)
     return PASDBundle(
-        unet=unet, controlnet=registry.build_module(configs["controlnet"], dtype=compute),
+        unet=unet, controlnet=registry.build_module(configs["controlnet"], dtype=compute).clone(remat_policy=remat),
         vae=registry.build_module(configs["vae"], dtype=DTYPES[config.dtype.vae_compute]),
         text_encoder=registry.build_module(configs["text_encoder"], dtype=compute),
         schedule=schedule, family=unet.family, source=source)
@@ -176,7 +179,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     # ---- Compiled step --------------------------------------------------------------------------------
     opts = StepOptions(dr_loss_weight=config.train.dr_loss_weight,
                        colorfulness_weight=config.train.colorfulness_weight,
-                       latent_scale=float(models.vae.scaling_factor), remat_policy=config.train.remat_policy)
+                       latent_scale=float(models.vae.scaling_factor))
     batch_sh = sharding.batch_sharding(mesh)
     step_key = json.dumps([configs, config.optim.to_dict(), config.model.to_dict(), config.dtype.to_dict(),
                            config.mesh.to_dict(), list(config.train.trainable), dataclasses.asdict(opts),

@@ -29,11 +29,6 @@ from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.train import losses
 from pasd_jax.train.state import TrainState, merge
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +38,6 @@ class StepOptions:
     dr_loss_weight: float = 1.0
     colorfulness_weight: float = 0.0
     latent_scale: float = 0.18215
-    remat_policy: str = "none"
-
-
-def _maybe_remat(fn: Callable, policy: str) -> Callable:
-    """`jax.checkpoint(fn)` with a named policy; identity for "none"."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {policy!r}; expected one of {sorted(REMAT_POLICIES)}")
-    if policy == "none":
-        return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
 def loss_fn(trainable, frozen, batch: dict, key: jax.Array, *, models: PASDBundle,
@@ -73,15 +58,10 @@ def loss_fn(trainable, frozen, batch: dict, key: jax.Array, *, models: PASDBundl
     t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.num_train_timesteps)
     x_t = schedule.add_noise(latents, noise, t)
 
-    def controlnet(p, x, tt, c, cond):
-        return models.controlnet.apply({"params": p}, x, tt, c, cond)
-
-    def unet(p, x, tt, c, down, mid):
-        return models.unet.apply({"params": p}, x, tt, c, down_block_additional_residuals=down,
-                                 mid_block_additional_residual=mid)
-
-    rgbs, down, mid = _maybe_remat(controlnet, opts.remat_policy)(params["controlnet"], x_t, t, text, lq)
-    pred = _maybe_remat(unet, opts.remat_policy)(params["unet"], x_t, t, text, down, mid)
+    # Remat, if any, is inside the modules (per block, their `remat_policy` field).
+    rgbs, down, mid = models.controlnet.apply({"params": params["controlnet"]}, x_t, t, text, lq)
+    pred = models.unet.apply({"params": params["unet"]}, x_t, t, text, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)
     target = schedule.velocity(latents, noise, t) if schedule.prediction_type == "v_prediction" else noise
     mse = losses.diffusion_mse(pred, target)
     l1, l1_parts = losses.dr_l1(rgbs, hq)
