@@ -121,7 +121,7 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None, allow_config_change: bool = False) -> dict:
     """Train (or resume) in `workdir`. `stop_after` ends the loop early at that step (tests:
     an interrupted run). Returns {"step", "last_metrics", "export", "state", "frozen"} (device trees)."""
     sharding.maybe_initialize_distributed()
