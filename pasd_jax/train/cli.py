@@ -140,6 +140,9 @@ def setup_logging(verbose: bool) -> None:
 
     root = logging.getLogger()
     root.removeHandler(absl_logging.get_absl_handler())  # absl's own handler would print every line twice
+    for handler in list(root.handlers):  # and so would a `basicConfig` handler some library installed
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         root.addHandler(_StderrHandler())
     root.setLevel(logging.INFO)

@@ -123,7 +123,8 @@ class _Stop:
 
 def train(config, workdir: str, *, stop_after: int | None = None, allow_config_change: bool = False) -> dict:
     """Train (or resume) in `workdir`. `stop_after` ends the loop early at that step (tests:
-    an interrupted run). Returns {"step", "last_metrics", "export", "state", "frozen"} (device trees)."""
+    an interrupted run). Returns {"step", "last_metrics", "export", "state", "frozen"} (device trees)
+    and "stopped" (ended before `train.total_steps`)."""
     sharding.maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -205,13 +206,21 @@ def train(config, workdir: str, *, stop_after: int | None = None, allow_config_c
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
     total = config.train.total_steps
-    pending, last, t0, steps_since = [], {}, time.perf_counter(), 0
     multi_host = jax.process_count() > 1
+    batch = None
+    if step < total:  # compile ahead of time, so every host enters the first collective together
+        batch = sharding.global_batch(next(data_iter), mesh)
+        step_fn = compile_step(step_fn, state, frozen, batch)
+    pending, last, t0, steps_since, waited = [], {}, time.perf_counter(), 0, 0.0
     with _Stop(install=not multi_host) as stop:
         while step < total:
-            batch = sharding.global_batch(next(data_iter), mesh)
+            if batch is None:
+                t_wait = time.perf_counter()
+                batch = sharding.global_batch(next(data_iter), mesh)
+                waited += time.perf_counter() - t_wait
             with jax.transfer_guard("disallow" if config.train.transfer_guard else "allow"):
                 state, metrics = step_fn(state, frozen, batch)
+            batch = None
             step += 1
             steps_since += 1
             pending.append(metrics)
@@ -223,12 +232,13 @@ def train(config, workdir: str, *, stop_after: int | None = None, allow_config_c
                     if i == len(host) - 1:
                         row["step_time_s"] = elapsed / steps_since
                         row["images_per_s"] = global_batch * steps_since / elapsed
+                        row["data_wait_share"] = waited / elapsed  # host input pipeline not keeping up
                     writer.write(step - len(host) + 1 + i, row)
                 last = {k: float(v) for k, v in host[-1].items()}
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"non-finite loss {last['loss']} at step {step} "
                                              f"(the step guard kept the parameters of step {step - 1})")
-                pending, t0, steps_since = [], time.perf_counter(), 0
+                pending, t0, steps_since, waited = [], time.perf_counter(), 0, 0.0
             preempted = stop.requested or (multi_host and ckpt.manager.reached_preemption(step))
             stopping = preempted or (stop_after is not None and step >= stop_after)
             if step % config.train.ckpt_every == 0 or step == total or preempted:
@@ -252,7 +262,21 @@ def train(config, workdir: str, *, stop_after: int | None = None, allow_config_c
         if jax.process_index() == 0:
             checkpoint.export_converted(export, base, configs, full,
                                         scheduler_overrides=schedule_overrides(config))
-    return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen}
+    stopped = step < total  # SIGTERM / preemption / stop_after: a checkpoint of `step` was saved
+    return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen,
+            "stopped": stopped}
+
+
+def compile_step(step_fn, state, frozen, batch):
+    """`step_fn` compiled ahead of time for these arguments (logged), then a barrier of all
+    processes: a host that compiles faster must not wait in the first collective long enough to
+    hit its set-up timeout (30 s for gloo on CPU)."""
+    log.info("compiling the train step (batch %d on %d devices)...", batch["hq"].shape[0], jax.device_count())
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    sharding.barrier("pasd_jax_train_step_compiled")
+    return compiled
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -44,7 +44,6 @@ class MetricWriter:
         shown = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "mse", "dr_l1", "lr", "step_time_s", "images_per_s")
                          if k in row)
         log.info("step %d %s", step, shown)
-        print(f"[train] step {step} {shown}", flush=True)
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step":
