@@ -27,6 +27,7 @@ import numpy as np
 
 from pasd_jax.models.configs import UnsupportedConfigError, all_in, check_supported, is_none, module_kwargs, one_of
 from pasd_jax.nn.attention import Attention
+from pasd_jax.perf.flops import ATTENTION_SCOPE
 from pasd_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv2d, group_norm
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder pass resnet_eps=1e-6 and build their norms with eps=1e-6
@@ -76,7 +77,8 @@ class VAEAttention(Attention):
 
             return jax.lax.map(one_query, q1, batch_size=self.query_chunk)
 
-        out = jax.lax.map(one_sample, (q, k, v))
+        with jax.named_scope(ATTENTION_SCOPE):  # the FLOP counter reports attention apart
+            out = jax.lax.map(one_sample, (q, k, v))
         return self.to_out_0(out.astype(self.dtype))
 
 

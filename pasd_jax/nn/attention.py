@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pasd_jax.nn.remat import ATTENTION_OUT, remat_block, tag
 from pasd_jax.nn.resnet import conv2d, group_norm
+from pasd_jax.perf.flops import ATTENTION_SCOPE
 
 
 def layer_norm(eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.LayerNorm:
@@ -35,6 +36,11 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.
     queries run in chunks under `lax.map` (exact: softmax is per query row), which bounds memory
     for PACA at large latents (T = S = h·w tokens, e.g. 102,400 for a 320² latent tile).
     """
+    with jax.named_scope(ATTENTION_SCOPE):  # lets the FLOP counter report attention apart
+        return _attend(q, k, v, scale)
+
+
+def _attend(q, k, v, scale):
     b, t, h, d = q.shape
     per_query = b * h * k.shape[1]
     if per_query * t <= MAX_SCORE_ELEMENTS:

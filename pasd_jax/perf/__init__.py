@@ -1,0 +1,1 @@
+"""Performance accounting: jaxpr FLOP counter (`flops`) and device peak / MFU table (`peak`)."""
