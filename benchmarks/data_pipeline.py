@@ -34,7 +34,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import realisr  # noqa: E402
 from pasd_jax.data import degrade, pipeline  # noqa: E402
-from pasd_jax.models.tiny import write_tiny_tokenizer  # noqa: E402
+from pasd_jax.fixtures.tiny import write_tiny_tokenizer  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 STAGES = ("filter2d", "resize", "add_noise", "jpeg")
