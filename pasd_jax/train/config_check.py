@@ -106,8 +106,15 @@ def _check_data(data: Any) -> None:
         for path in paths:
             if not os.path.isfile(path):
                 raise ConfigError(f"config.data.paths: array_record file {path!r} not found")
-    elif data.source == "tfds" and not data.tfds_name:
-        raise ConfigError("config.data.tfds_name is empty (data.source='tfds' needs a prepared dataset name)")
+    elif data.source == "tfds":
+        if not data.tfds_name:
+            raise ConfigError("config.data.tfds_name is empty (data.source='tfds' needs a prepared dataset name)")
+        from pasd_jax.data.tfds_source import dataset_dir
+
+        try:
+            dataset_dir(data.tfds_name, data.get("tfds_data_dir", ""))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config.data.tfds_name: {err}") from err
 
 
 def _has_image(folder: str, extensions: Sequence[str]) -> bool:
