@@ -6,7 +6,8 @@ crop is flipped horizontally with p = 0.5, captions come from a sidecar file (or
 are replaced by "" with `null_prompt_prob`, tokenized to 77 ids. One example is a pure function of
 (seed, position in the global stream), so a run is reproducible and resumes from the saved
 iterator state. Sources: image folders, array_record files of msgpack `{"image": bytes,
-"caption": str}` records (`write_array_record`), or prepared tfds datasets (the `[tfds]` extra).
+"caption": str}` records (`write_array_record`), or tfds datasets prepared as array_record (read
+without TensorFlow, `tfds_source.py`).
 
 Batches (host-local, numpy): hq float32 [b, res, res, 3] in [-1, 1]; lq float32 [b, res, res, 3]
 in [0, 1]; prompt_ids int32 [b, 77].
@@ -100,23 +101,16 @@ def write_array_record(path: str, items: Sequence[tuple[bytes, str]]) -> None:
     writer.close()
 
 
-def tfds_source(name: str, split: str):
-    """A prepared tfds dataset as a random-access source (records with "image" and optional caption)."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
-        raise ImportError("data.source='tfds' needs tensorflow-datasets: pip install -e '.[tfds]'") from err
-    return tfds.data_sources.load(name, split=split)
-
-
 def make_source(cfg: Mapping[str, Any]):
     """The random-access source named by `data.source`."""
     if cfg["source"] == "folders":
         return ImageFolderSource(cfg["paths"], cfg["caption_ext"])
     if cfg["source"] == "array_record":
         return ArrayRecordSource(cfg["paths"])
-    if cfg["source"] == "tfds":
-        return tfds_source(cfg["tfds_name"], cfg["split"])
+    if cfg["source"] == "tfds":  # read without TensorFlow (pasd_jax/data/tfds_source.py)
+        from pasd_jax.data.tfds_source import TfdsSource
+
+        return TfdsSource(cfg["tfds_name"], cfg["split"], data_dir=cfg.get("tfds_data_dir", ""))
     raise ValueError(f"unknown data.source {cfg['source']!r}; expected folders, array_record or tfds")
 
 

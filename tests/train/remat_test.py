@@ -4,7 +4,6 @@ checkpoints really sit around every ResnetBlock2D / BasicTransformerBlock of UNe
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
