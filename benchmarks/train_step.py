@@ -194,7 +194,7 @@ def measure(bench: Bench, placed, per_device: int, steps: int, peak) -> dict | N
 def _row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
     return (f"batch {r['per_device']:3d}/device ({r['batch']:4d}): step {r['step_s'] * 1e3:9.1f} ms, "
-            f"{r['images_s']:8.2f} images/s, {r['flops'] / 1e12:8.3f} TFLOP/step, MFU {mfu} "
+            f"{r['images_s']:8.2f} images/s, {r['flops'] / 1e9:10.2f} GFLOP/step, MFU {mfu} "
             f"(compile {r['compile_s']:.0f} s)")
 
 
