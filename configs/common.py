@@ -61,9 +61,10 @@ def base_config() -> mlc.ConfigDict:
     c.model.zero_terminal_snr = False  # rescale betas to zero terminal SNR (colorization)
 
     c.data = mlc.ConfigDict()
-    c.data.source = "folders"          # "folders", "array_record" or "tfds" (needs the [tfds] extra)
+    c.data.source = "folders"          # "folders", "array_record" or "tfds"
     c.data.paths = ()                  # image folders (recursive) or array_record files
-    c.data.tfds_name = ""
+    c.data.tfds_name = ""              # "name[/config]" prepared with file_format=array_record (no TF needed)
+    c.data.tfds_data_dir = ""          # default $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.split = "train"
     c.data.resolution = 512            # HQ crop side
     c.data.batch_per_device = 4
@@ -83,7 +84,7 @@ def base_config() -> mlc.ConfigDict:
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.weight_decay = 1e-2
     c.optim.clip_norm = 1.0
-    c.optim.grad_accum = 1             # PASD used 2 (optax.MultiSteps)
+    c.optim.grad_accum = 1             # PASD used 2 (optax.MultiSteps; total_steps counts micro-steps)
 
     c.train = mlc.ConfigDict()
     c.train.total_steps = 100_000
@@ -91,7 +92,7 @@ def base_config() -> mlc.ConfigDict:
     c.train.trainable = ("^controlnet/", "pixel_attentions", "norm2_plus", "attn2_plus", "proj_in_plus")
     c.train.dr_loss_weight = 1.0       # γ of the multi-scale to_rgbs L1 loss
     c.train.colorfulness_weight = 0.0  # 0.003 reproduces the reference's (triple-counted) 0.001
-    c.train.remat_policy = "none"      # "none", "full" or "dots" (jax.checkpoint around each model)
+    c.train.remat_policy = "none"      # per-block remat: "none", "full", "dots" or "attention" (nn/remat.py)
     c.train.log_every = 50
     c.train.ckpt_every = 5_000
     c.train.keep_checkpoints = 3
@@ -110,4 +111,7 @@ def base_config() -> mlc.ConfigDict:
     c.dtype = mlc.ConfigDict()
     c.dtype.compute = "float32"        # "bfloat16": bf16 activations, fp32 params and optimizer
     c.dtype.vae_compute = "float32"
+    # "bfloat16": the frozen weights (UNet trunk, VAE, text encoder) live on the device in bf16;
+    # trainable params keep float32 master weights and optimizer state; the export is float32.
+    c.dtype.frozen_params = "float32"
     return c

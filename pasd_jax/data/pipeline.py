@@ -6,7 +6,8 @@ crop is flipped horizontally with p = 0.5, captions come from a sidecar file (or
 are replaced by "" with `null_prompt_prob`, tokenized to 77 ids. One example is a pure function of
 (seed, position in the global stream), so a run is reproducible and resumes from the saved
 iterator state. Sources: image folders, array_record files of msgpack `{"image": bytes,
-"caption": str}` records (`write_array_record`), or prepared tfds datasets (the `[tfds]` extra).
+"caption": str}` records (`write_array_record`), or tfds datasets prepared as array_record (read
+without TensorFlow, `tfds_source.py`).
 
 Batches (host-local, numpy): hq float32 [b, res, res, 3] in [-1, 1]; lq float32 [b, res, res, 3]
 in [0, 1]; prompt_ids int32 [b, 77].
@@ -100,23 +101,16 @@ def write_array_record(path: str, items: Sequence[tuple[bytes, str]]) -> None:
     writer.close()
 
 
-def tfds_source(name: str, split: str):
-    """A prepared tfds dataset as a random-access source (records with "image" and optional caption)."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
-        raise ImportError("data.source='tfds' needs tensorflow-datasets: pip install -e '.[tfds]'") from err
-    return tfds.data_sources.load(name, split=split)
-
-
 def make_source(cfg: Mapping[str, Any]):
     """The random-access source named by `data.source`."""
     if cfg["source"] == "folders":
         return ImageFolderSource(cfg["paths"], cfg["caption_ext"])
     if cfg["source"] == "array_record":
         return ArrayRecordSource(cfg["paths"])
-    if cfg["source"] == "tfds":
-        return tfds_source(cfg["tfds_name"], cfg["split"])
+    if cfg["source"] == "tfds":  # read without TensorFlow (pasd_jax/data/tfds_source.py)
+        from pasd_jax.data.tfds_source import TfdsSource
+
+        return TfdsSource(cfg["tfds_name"], cfg["split"], data_dir=cfg.get("tfds_data_dir", ""))
     raise ValueError(f"unknown data.source {cfg['source']!r}; expected folders, array_record or tfds")
 
 
@@ -227,22 +221,44 @@ def _plain(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
+class _HostBlock:
+    """grain map: host-local position j -> the example at global stream position g(j).
+
+    Host p of P takes, of every global batch of L·P positions, the contiguous block
+    [p·L, (p+1)·L): g(j) = (j // L)·L·P + p·L + j % L. The hosts' local batches are then disjoint
+    and, concatenated in process order (the order `make_array_from_process_local_data` lays them
+    on the mesh), exactly the batch a single process would read.
+    """
+
+    def __init__(self, order, example: "_Example", local_batch: int, process_index: int, process_count: int):
+        self.order, self.example = order, example
+        self.local_batch, self.process_index, self.process_count = local_batch, process_index, process_count
+
+    def global_position(self, j: int) -> int:
+        lb = self.local_batch
+        return (j // lb) * lb * self.process_count + self.process_index * lb + j % lb
+
+    def __call__(self, j: int) -> dict:
+        g = self.global_position(int(j))
+        return self.example(g, self.order[g])
+
+
 def make_dataset(data_cfg, *, seed: int, local_batch: int, tokenizer_dir: str, process_index: int = 0,
                  process_count: int = 1, source=None) -> grain.IterDataset:
     """The endless, shuffled, per-host sharded, batched training stream (an IterDataset).
 
-    The global stream is shuffle(range(n), seed) repeated forever; host p takes positions
-    p, p + P, …; `iter(ds).get_state()` / `.set_state()` checkpoint it.
+    The global stream is shuffle(range(n), seed) repeated forever; the example rng keys on the
+    global position; host p reads its contiguous block of every global batch (`_HostBlock`);
+    `iter(ds).get_state()` / `.set_state()` checkpoint it.
     """
     cfg = _plain(data_cfg)
     source = source if source is not None else make_source(cfg)
     if len(source) == 0:
         raise ValueError("the training source is empty")
     _tokenizer(tokenizer_dir)  # load once here: lazy `transformers` imports race in grain's threads
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-    # Map before slicing, so the example rng keys on the *global* stream position.
-    ds = ds.map_with_index(_Example(source, cfg, seed, tokenizer_dir))
-    ds = ds[process_index::process_count]
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    host = _HostBlock(order, _Example(source, cfg, seed, tokenizer_dir), local_batch, process_index, process_count)
+    ds = grain.MapDataset.range(2**62).map(host)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.get("prefetch", 2), 1),
                                               prefetch_buffer_size=max(cfg.get("prefetch", 2), 1)))
     ds = ds.batch(local_batch, drop_remainder=True)

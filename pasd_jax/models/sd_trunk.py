@@ -77,6 +77,8 @@ class SDTrunk(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     conv_in_kernel: int = 3
+    # Not a config.json key: per-block remat of the blocks (`pasd_jax.nn.remat`; training only).
+    remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -141,7 +143,7 @@ class SDTrunk(nn.Module):
                           temb_channels=4 * self.block_out_channels[0], num_layers=self.layers()[i],
                           resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps,
                           add_downsample=i < self.n_blocks - 1, downsample_padding=self.downsample_padding,
-                          **self._kw())
+                          remat_policy=self.remat_policy, **self._kw())
             if block_type == "CrossAttnDownBlock2D":
                 blocks.append(self.block_class(block_type)(
                     heads=self.heads()[i], transformer_layers=self.transformer_layers()[i],
@@ -159,7 +161,7 @@ class SDTrunk(nn.Module):
             output_scale_factor=self.mid_block_scale_factor, heads=self.heads()[-1],
             transformer_layers=self.transformer_layers()[-1], cross_attention_dim=self.cross_dims()[-1],
             use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
-            **self._kw())
+            remat_policy=self.remat_policy, **self._kw())
 
     # ---- shared forward pieces -----------------------------------------------------------
     def embed_time(self, timestep: jnp.ndarray, batch: int) -> jnp.ndarray:

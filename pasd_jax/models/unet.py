@@ -58,7 +58,7 @@ class UNet2DConditionModel(SDTrunk):
                 add_upsample=i < self.n_blocks - 1, heads=heads[i], transformer_layers=tlayers[i],
                 cross_attention_dim=cross[i], use_linear_projection=self.use_linear_projection,
                 only_cross_attention=only_cross[i], upcast_attention=self.upcast_attention,
-                family=self.family, **self._kw())
+                family=self.family, remat_policy=self.remat_policy, **self._kw())
             cls = "CrossAttnUpBlock2D" if block_type == "CrossAttnUpBlock2D" else "UpBlock2D"
             blocks.append(self.block_class(cls)(**common))
         return blocks

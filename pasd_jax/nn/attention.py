@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pasd_jax.nn.remat import ATTENTION_OUT, remat_block, tag
 from pasd_jax.nn.resnet import conv2d, group_norm
 from pasd_jax.perf.flops import ATTENTION_SCOPE
 
@@ -156,7 +157,7 @@ class Attention(nn.Module):
         if self.upcast_attention:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = attend(q, k, v, self.dim_head ** -0.5)
+        out = tag(attend(q, k, v, self.dim_head ** -0.5), ATTENTION_OUT)  # saved by remat "attention"
         return self.to_out_0(out.reshape(b, t, self.heads * self.dim_head).astype(self.dtype))
 
 
@@ -240,6 +241,7 @@ class Transformer2DModel(nn.Module):
     index y·W + x), transformer blocks, `proj_out`, `+ r`. `proj_in/out` are 1×1 convs, or Linears
     with `use_linear_projection` (SD2). x: [B, H, W, C] -> [B, H, W, C].
 
+    `remat_policy` (`pasd_jax.nn.remat`) rematerialises each transformer block.
     With `pixel_cross_dim` (PASD-light) the raw ControlNet residual `pixel_context`
     [B, H, W, pixel_cross_dim] goes through `proj_in_plus` and is the context of `attn2_plus`.
     """
@@ -254,6 +256,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     pixel_cross_dim: Optional[int] = None
+    remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -266,7 +269,7 @@ class Transformer2DModel(nn.Module):
         if self.pixel_cross_dim is not None:
             self.proj_in_plus = proj(self.pixel_cross_dim)
         self.transformer_blocks = [
-            BasicTransformerBlock(inner, self.heads, self.dim_head, self.cross_attention_dim,
+            remat_block(BasicTransformerBlock, self.remat_policy)(inner, self.heads, self.dim_head, self.cross_attention_dim,
                                   only_cross_attention=self.only_cross_attention,
                                   upcast_attention=self.upcast_attention,
                                   pixel_cross_dim=self.pixel_cross_dim, **kw)

@@ -7,6 +7,7 @@
   * "pasd_light": no PACA in `UpBlock2D`; the text transformers of `CrossAttnUpBlock2D` get
     `proj_in_plus/norm2_plus/attn2_plus` and take the ControlNet residual as `pixel_context`.
 All tensors NHWC: hidden [B, H, W, C], temb [B, T], context (text) [B, L, D].
+`remat_policy` (`pasd_jax.nn.remat`) rematerialises each ResnetBlock2D and each transformer block.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pasd_jax.nn.attention import Transformer2DModel
+from pasd_jax.nn.remat import remat_block
 from pasd_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 FAMILIES = ("stock", "pasd", "pasd_light")
@@ -32,11 +34,12 @@ class _BlockBase(nn.Module):
     resnet_groups: int = 32
     resnet_eps: float = 1e-5
     output_scale_factor: float = 1.0
+    remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def _resnet(self, cin: int, cout: int) -> ResnetBlock2D:
-        return ResnetBlock2D(cin, cout, self.temb_channels, groups=self.resnet_groups, eps=self.resnet_eps,
+        return remat_block(ResnetBlock2D, self.remat_policy)(cin, cout, self.temb_channels, groups=self.resnet_groups, eps=self.resnet_eps,
                              output_scale_factor=self.output_scale_factor, dtype=self.dtype,
                              param_dtype=self.param_dtype)
 
@@ -59,7 +62,7 @@ class _AttnBlockBase(_BlockBase):
             cross_attention_dim=cross_dim, norm_num_groups=self.resnet_groups,
             use_linear_projection=self.use_linear_projection, only_cross_attention=self.only_cross_attention,
             upcast_attention=self.upcast_attention, pixel_cross_dim=pixel_cross_dim,
-            dtype=self.dtype, param_dtype=self.param_dtype)
+            remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class DownBlock2D(_BlockBase):

@@ -9,6 +9,7 @@ side = `latent · vae downscale`), `batch` the number of latents per network cal
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -103,7 +104,9 @@ def train_step_flops(models, resolution: int, batch: int = 1, remat_policy: str 
     state = jax.eval_shape(functools.partial(TrainState.create, tx=tx, seed=0), train)
     batch_data = {"hq": _sds((batch, resolution, resolution, 3)), "lq": _sds((batch, resolution, resolution, 3)),
                   "prompt_ids": _sds((batch, 77), jnp.int32)}
-    opts = StepOptions(remat_policy=remat_policy)
-    step = functools.partial(train_step, models=models, tx=tx, lr_fn=lambda s: 1e-5, opts=opts)
+    if remat_policy != "none":  # per-block remat lives in the modules (`train.loop` does the same)
+        models = dataclasses.replace(models, unet=models.unet.clone(remat_policy=remat_policy),
+                                     controlnet=models.controlnet.clone(remat_policy=remat_policy))
+    step = functools.partial(train_step, models=models, tx=tx, lr_fn=lambda s: 1e-5, opts=StepOptions())
     return count(step, state, frozen, batch_data)
 

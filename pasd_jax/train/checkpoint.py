@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint in the workdir can be restored."""
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` (see module doc)."""
 
@@ -61,6 +65,45 @@ class Checkpointer:
                                   data_iter=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["data_iter"]
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, data-iterator state) of the newest checkpoint that restores, or None when
+        there is none. Unreadable newer ones are reported with a warning naming them and, once an
+        intact one is found, moved aside to `checkpoints/corrupt-<step>` (kept, never overwritten,
+        so the resumed run can save that step again). CheckpointError when none is intact."""
+        bad = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, iter_state = self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001 - orbax/TensorStore raise many types for damaged files
+                first = " ".join(str(err).split())[:300]
+                log.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
+                            os.path.join(self.directory, str(step)), type(err).__name__, first)
+                bad.append((step, f"{type(err).__name__}: {first}"))
+                continue
+            if bad:
+                self._set_aside([b for b, _ in bad])
+                log.warning("resuming from step %d, the newest intact checkpoint", step)
+            return step, state, iter_state
+        if bad:
+            raise CheckpointError(f"no intact checkpoint in {self.directory}: step(s) "
+                                  f"{', '.join(str(b) for b, _ in bad)} are unreadable (newest: {bad[0][1]}); "
+                                  f"move that folder away to start again from step 0")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst, n = os.path.join(self.directory, f"corrupt-{step}"), 1
+                while os.path.exists(dst):
+                    dst, n = os.path.join(self.directory, f"corrupt-{step}.{n}"), n + 1
+                os.rename(src, dst)
+                log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+        from pasd_jax.train.sharding import barrier
+
+        barrier("pasd_jax_checkpoints_set_aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -163,7 +206,13 @@ def export_converted(dst: str, base: str, configs: dict, params: dict, *, overwr
         if os.path.isfile(manifest_src):
             with open(manifest_src) as f:
                 manifest = json.load(f)
+        # The base as a path relative to the export's workdir (the folder above `dst`), so a moved
+        # or copied workdir still names it; absolute only when on another drive.
+        try:
+            base_ref = os.path.relpath(os.path.abspath(base), os.path.dirname(os.path.abspath(dst)))
+        except ValueError:
+            base_ref = os.path.abspath(base)
         manifest.update({"format_version": weights.FORMAT_VERSION, "trained_by": "pasd_jax.train",
-                         "base": os.path.abspath(base)})
+                         "base": base_ref})
         weights.write_manifest(staged, manifest)
     return dst

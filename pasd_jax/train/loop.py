@@ -26,7 +26,9 @@ from pasd_jax.assembly import registry
 from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.data import pipeline
 from pasd_jax.diffusion.schedule import NoiseSchedule
+from pasd_jax.nn.remat import check_policy
 from pasd_jax.train import checkpoint, sharding, validate
+from pasd_jax.train import workdir as records
 from pasd_jax.train.metrics import MetricWriter
 from pasd_jax.train.optim import make_optimizer
 from pasd_jax.train.state import TrainState, count_params, merge, split
@@ -57,12 +59,14 @@ def resolve_base(config, workdir: str) -> str:
 
 
 def build_models(configs: dict, config, schedule: NoiseSchedule, source: str = "training") -> PASDBundle:
-    """The networks with the configured compute dtypes and the training schedule; no params (they
-    live in the train state and the frozen tree, float32)."""
+    """The networks with the configured compute dtypes, per-block remat (`train.remat_policy`,
+    `pasd_jax.nn.remat`) in the UNet and ControlNet, and the training schedule; no params (they
+    live in the train state and the frozen tree)."""
     compute = DTYPES[config.dtype.compute]
-    unet = registry.build_module(configs["unet"], dtype=compute)
+    remat = check_policy(config.train.remat_policy)
+    unet = registry.build_module(configs["unet"], dtype=compute).clone(remat_policy=remat)
     return PASDBundle(
-        unet=unet, controlnet=registry.build_module(configs["controlnet"], dtype=compute),
+        unet=unet, controlnet=registry.build_module(configs["controlnet"], dtype=compute).clone(remat_policy=remat),
         vae=registry.build_module(configs["vae"], dtype=DTYPES[config.dtype.vae_compute]),
         text_encoder=registry.build_module(configs["text_encoder"], dtype=compute),
         schedule=schedule, family=unet.family, source=source)
@@ -118,16 +122,17 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None, allow_config_change: bool = False) -> dict:
     """Train (or resume) in `workdir`. `stop_after` ends the loop early at that step (tests:
-    an interrupted run). Returns {"step", "last_metrics", "export", "state", "frozen"} (device trees)."""
+    an interrupted run). Returns {"step", "last_metrics", "export", "state", "frozen"} (device trees)
+    and "stopped" (ended before `train.total_steps`)."""
     sharding.maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     config_json = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    if ckpt.latest_step() is not None:  # refuse a config the checkpoint cannot follow before loading anything
+        records.check_resume(workdir, config_json, ckpt.latest_step(), allow=allow_config_change)
 
     # ---- Base weights, models, schedule --------------------------------------------------------------
     base = resolve_base(config, workdir)
@@ -135,6 +140,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                                                      init_from=config.init_from, seed=config.seed)
     models = build_models(configs, config, build_schedule(base, config), source=base)
     trainable, frozen = split(params, config.train.trainable)
+    if config.dtype.frozen_params == "bfloat16":  # frozen trunk, VAE, text encoder: half the memory
+        frozen = jax.tree_util.tree_map(_to_bf16, frozen)
     log.info("trainable params: %d, frozen: %d", count_params(trainable), count_params(frozen))
 
     # ---- Mesh, optimiser, shardings, initial state ----------------------------------------------------
@@ -155,28 +162,32 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     local_batch = global_batch // jax.process_count()
     tokenizer_dir = os.path.join(base, "tokenizer")
     source = pipeline.make_source(config.data)
+    log.info("training data: %d records (%s), global batch %d (%d per process)", len(source), source, global_batch,
+             local_batch)
     dataset = pipeline.make_dataset(config.data, seed=config.seed, local_batch=local_batch,
                                     tokenizer_dir=tokenizer_dir, process_index=jax.process_index(),
                                     process_count=jax.process_count(), source=source)
     data_iter = iter(dataset)
 
     # ---- Checkpoint: resume or start --------------------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract_state, state_sh)
-        state, iter_state = ckpt.restore(latest, target)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_sh)
+    restored = ckpt.restore_latest(target)  # falls back past unreadable checkpoints, with a warning
+    if restored is not None:
+        start, state, iter_state = restored
         data_iter.set_state(iter_state)
-        log.info("resumed from step %d", latest)
+        log.info("resumed from step %d", start)
     else:
-        state = jax.jit(create, out_shardings=state_sh)(trainable)
+        start, state = 0, jax.jit(create, out_shardings=state_sh)(trainable)
     del trainable, params
+    if jax.process_index() == 0:  # this start's config; metrics rows past the resumed step go
+        records.record_start(workdir, config_json, start)
+        records.truncate_metrics(workdir, start)
 
     # ---- Compiled step --------------------------------------------------------------------------------
     opts = StepOptions(dr_loss_weight=config.train.dr_loss_weight,
                        colorfulness_weight=config.train.colorfulness_weight,
-                       latent_scale=float(models.vae.scaling_factor), remat_policy=config.train.remat_policy)
+                       latent_scale=float(models.vae.scaling_factor))
     batch_sh = sharding.batch_sharding(mesh)
     step_key = json.dumps([configs, config.optim.to_dict(), config.model.to_dict(), config.dtype.to_dict(),
                            config.mesh.to_dict(), list(config.train.trainable), dataclasses.asdict(opts),
@@ -202,17 +213,28 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
     total = config.train.total_steps
-    pending, last, t0, steps_since = [], {}, time.perf_counter(), 0
     multi_host = jax.process_count() > 1
+    batch = None
+    if step < total:  # compile ahead of time, so every host enters the first collective together
+        batch = sharding.global_batch(next(data_iter), mesh)
+        step_fn = compile_step(step_fn, state, frozen, batch)
+    pending, last, t0, steps_since, waited = [], {}, time.perf_counter(), 0, 0.0
     with _Stop(install=not multi_host) as stop:
         while step < total:
-            batch = sharding.global_batch(next(data_iter), mesh)
+            if batch is None:
+                t_wait = time.perf_counter()
+                batch = sharding.global_batch(next(data_iter), mesh)
+                waited += time.perf_counter() - t_wait
             with jax.transfer_guard("disallow" if config.train.transfer_guard else "allow"):
                 state, metrics = step_fn(state, frozen, batch)
+            batch = None
             step += 1
             steps_since += 1
             pending.append(metrics)
-            if step % config.train.log_every == 0 or step == total:
+            preempted = stop.requested or (multi_host and ckpt.manager.reached_preemption(step))
+            stopping = preempted or (stop_after is not None and step >= stop_after)
+            saving = step % config.train.ckpt_every == 0 or step == total or preempted
+            if step % config.train.log_every == 0 or step == total or saving or stopping:
                 host = jax.device_get(pending)
                 elapsed = time.perf_counter() - t0
                 for i, m in enumerate(host):
@@ -220,22 +242,22 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     if i == len(host) - 1:
                         row["step_time_s"] = elapsed / steps_since
                         row["images_per_s"] = global_batch * steps_since / elapsed
-                    writer.write(step - len(host) + 1 + i, row)
+                        row["data_wait_share"] = waited / elapsed  # host input pipeline not keeping up
+                    writer.write(step - len(host) + 1 + i, row, echo=i == len(host) - 1)
                 last = {k: float(v) for k, v in host[-1].items()}
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"non-finite loss {last['loss']} at step {step} "
                                              f"(the step guard kept the parameters of step {step - 1})")
-                pending, t0, steps_since = [], time.perf_counter(), 0
-            preempted = stop.requested or (multi_host and ckpt.manager.reached_preemption(step))
-            stopping = preempted or (stop_after is not None and step >= stop_after)
-            if step % config.train.ckpt_every == 0 or step == total or preempted:
+                pending, t0, steps_since, waited = [], time.perf_counter(), 0, 0.0
+            if saving:  # every row up to a checkpointed step is in metrics.jsonl before its save
                 ckpt.save(step, state, data_iter.get_state(), config_json, force=True)
             if val is not None and (step % config.train.validate_every == 0 or step == total):
                 val_batch, val_in, val_fn = val
                 full = merge(state.params, frozen)
                 sr = jax.device_get(val_fn(full, val_in["lq"], val_in["prompt_ids"], jax.random.key(config.seed)))
                 if jax.process_index() == 0:
-                    validate.save_grid(workdir, step, val_batch["lq"], np.asarray(sr), val_batch["hq"])
+                    path = validate.save_grid(workdir, step, val_batch["lq"], np.asarray(sr), val_batch["hq"])
+                    log.info("validation image written: %s", os.path.relpath(path, workdir))
                 t0 = time.perf_counter()  # validation time is not step time
             if stopping:
                 break
@@ -244,16 +266,43 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
     export = None
     if step >= total:
-        full = jax.tree_util.tree_map(_to_host, merge(state.params, frozen))
+        frozen_host = frozen
+        if config.dtype.frozen_params != "float32":  # export the base's float32 weights, not the bf16 copy
+            frozen_host = split(checkpoint.load_initial_params(base, family=config.model.family,
+                                                               use_rrdb=config.model.use_rrdb, init_from=config.init_from,
+                                                               seed=config.seed)[1], config.train.trainable)[1]
+        full = jax.tree_util.tree_map(_to_host, merge(state.params, frozen_host))
         export = os.path.join(workdir, "export")
         if jax.process_index() == 0:
             checkpoint.export_converted(export, base, configs, full,
                                         scheduler_overrides=schedule_overrides(config))
-    return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen}
+            log.info("export written: %s (python sample.py --ckpt %s ...)", export, export)
+    stopped = step < total  # SIGTERM / preemption / stop_after: a checkpoint of `step` was saved
+    return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen,
+            "stopped": stopped}
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def compile_step(step_fn, state, frozen, batch):
+    """`step_fn` compiled ahead of time for these arguments (logged), then a barrier of all
+    processes: a host that compiles faster must not wait in the first collective long enough to
+    hit its set-up timeout (30 s for gloo on CPU)."""
+    log.info("compiling the train step (batch %d on %d devices)...", batch["hq"].shape[0], jax.device_count())
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    sharding.barrier("pasd_jax_train_step_compiled")
+    return compiled
+
+
+def _to_bf16(x):
+    x = np.asarray(x)
+    return x.astype(jnp.bfloat16) if np.issubdtype(x.dtype, np.floating) else x
+
+
+def _to_host(x) -> np.ndarray:
     """A (possibly sharded, possibly multi-host) array as a full numpy array on every host."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils

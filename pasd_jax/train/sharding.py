@@ -34,16 +34,37 @@ BATCH_SPEC = P(AXES)
 def maybe_initialize_distributed() -> None:
     """`jax.distributed.initialize()` when the environment describes a multi-process job.
 
-    Triggers on a coordinator address (JAX_COORDINATOR_ADDRESS), SLURM with >1 tasks, or a
-    multi-host TPU slice (TPU_WORKER_HOSTNAMES with several hosts); otherwise a no-op.
+    Triggers on a coordinator address (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID for a hand-started local job, README "Training"), SLURM with >1 tasks, or a
+    multi-host TPU slice (TPU_WORKER_HOSTNAMES with several hosts); otherwise a no-op. CPU
+    collectives use gloo (`jax_cpu_collectives_implementation`), so a CPU-only multi-process run
+    (the tests) can all-reduce across processes.
     """
     env = os.environ
     multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
              or int(env.get("SLURM_NTASKS", "1") or 1) > 1
              or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not multi or jax.distributed.is_initialized():
+        return
+    if not jax.config.values.get("jax_cpu_collectives_implementation"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+        kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches `name` (the coordination service's barrier, no device
+    collective); a no-op in a single-process run."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client of `jax.distributed.initialize` (no public handle)
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

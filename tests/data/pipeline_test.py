@@ -116,12 +116,16 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
 
 
 def test_host_sharding_splits_the_stream(images, tokenizer_dir):
+    """Each host reads its contiguous block of every global batch: disjoint, and together (in
+    process order) exactly the single-process batch."""
     cfg = data_config([images], null_prompt_prob=0.0)
-    whole, _ = take(pipeline.make_dataset(cfg, seed=1, local_batch=1, tokenizer_dir=tokenizer_dir), 4)
-    host1, _ = take(pipeline.make_dataset(cfg, seed=1, local_batch=1, tokenizer_dir=tokenizer_dir,
-                                          process_index=1, process_count=2), 2)
-    np.testing.assert_array_equal(host1[0]["hq"], whole[1]["hq"])
-    np.testing.assert_array_equal(host1[1]["hq"], whole[3]["hq"])
+    whole, _ = take(pipeline.make_dataset(cfg, seed=1, local_batch=4, tokenizer_dir=tokenizer_dir), 2)
+    hosts = [take(pipeline.make_dataset(cfg, seed=1, local_batch=2, tokenizer_dir=tokenizer_dir,
+                                        process_index=p, process_count=2), 2)[0] for p in (0, 1)]
+    for step in range(2):
+        for key in ("hq", "lq", "prompt_ids"):
+            joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[step][key])
 
 
 def test_array_record_source(tmp_path, tokenizer_dir):
