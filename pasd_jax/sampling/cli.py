@@ -40,7 +40,7 @@ from pasd_jax.assembly.loader import load_models
 from pasd_jax.diffusion.schedule import DDIM_DEFAULTS
 from pasd_jax.imaging.io import ImageReadError, list_images, load_image, write_image
 from pasd_jax.sampling import args as checks
-from pasd_jax.sampling import defaults, demo, stablesr_cli
+from pasd_jax.sampling import defaults, demo, progress, stablesr_cli
 from pasd_jax.sampling.pipeline import Restorer, RestoreOptions, join_prompt
 
 IMAGE_SUFFIXES = checks.IMAGE_SUFFIXES
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="output folder (created), or an image path (.png/.jpg/.webp) for a single input")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists alone")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no per-step progress bar (by default the compiled loop reports every denoising step)")
     g = p.add_argument_group("sampling (defaults: the paper's recipe)")
     g.add_argument("--prompt", default="", help="prompt for every image (joined with a sidecar <image>.txt)")
     g.add_argument("--added-prompt", default=defaults.ADDED_PROMPT, help="appended to every prompt (default: %(default)r)")
@@ -233,7 +235,7 @@ def restore_options(args, smoke: bool) -> RestoreOptions:
         process_size=process_size, color_fix=args.color_fix, mode=args.mode, added_prompt=args.added_prompt,
         negative_prompt=args.negative_prompt, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
         tiles_per_call=args.tiles_per_call, vae_tiling=args.vae_tiling, scheduler=args.scheduler,
-        ans_compat=args.ans_compat)
+        ans_compat=args.ans_compat, progress=not getattr(args, "no_progress", False))
 
 
 def cpu_hint(options: RestoreOptions, smoke: bool, backend: str) -> Optional[str]:
@@ -305,7 +307,8 @@ def _run(args, todo, skipped: int, ignored: list, lora_fuser=None) -> int:
         bar.set_postfix_str(src.name)
         try:
             loaded = load_image(src)
-            result = restorer.restore(loaded.rgb, prompt=read_prompt(src, args.prompt), seed=args.seed)
+            with progress.listen(progress.StepBar(options.steps, desc=f"  {src.name}", disable=args.no_progress)):
+                result = restorer.restore(loaded.rgb, prompt=read_prompt(src, args.prompt), seed=args.seed)
             dst.parent.mkdir(parents=True, exist_ok=True)
             write_image(dst, result.image, overwrite=args.overwrite)
         except (ImageReadError, ValueError, FileExistsError, OSError) as err:

@@ -59,6 +59,7 @@ class RestoreOptions:
     vae_tiling: str = defaults.VAE_TILING
     scheduler: Optional[str] = None                      # None: the models' default_scheduler
     ans_compat: str = defaults.ANS_COMPAT
+    progress: bool = False                               # per-step callback from the scan (progress.py)
 
     def __post_init__(self):
         if self.color_fix not in defaults.COLOR_FIXES:
@@ -78,7 +79,8 @@ class RestoreOptions:
         return SamplerSettings(num_steps=self.steps, eta=self.eta, guidance=self.guidance_scale > 1.0,
                                init=self.init, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
                                tiles_per_call=self.tiles_per_call, vae_tiling=self.vae_tiling,
-                               scheduler=self.scheduler or default_scheduler, ans_compat=self.ans_compat)
+                               scheduler=self.scheduler or default_scheduler, ans_compat=self.ans_compat,
+                               progress=self.progress)
 
 
 @dataclasses.dataclass(frozen=True)

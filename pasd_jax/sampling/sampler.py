@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pasd_jax.diffusion.schedulers import DDIM, make_scheduler
 from pasd_jax.imaging import tiling
+from pasd_jax.sampling import progress
 from pasd_jax.sampling import defaults, tiled_vae
 
 
@@ -60,6 +61,8 @@ class SamplerSettings:
     vae_tiling: "auto" (above the reference's thresholds), "always" or "never".
     vae_encoder_tile, vae_encoder_pad: image px; vae_decoder_tile, vae_decoder_pad: latent px.
     trajectory: also return every step's latents (for parity tests; costs memory).
+    progress: call `pasd_jax.sampling.progress.emit(step)` on the host after every scan step (per-step
+      progress bars and ETA without recompiling; off by default and in benchmarks).
     """
 
     num_steps: int = defaults.STEPS
@@ -78,6 +81,7 @@ class SamplerSettings:
     trajectory: bool = False
     scheduler: str = defaults.SCHEDULER
     ans_compat: str = defaults.ANS_COMPAT
+    progress: bool = False
 
     def __post_init__(self):
         if self.ans_compat not in defaults.ANS_COMPATS:
@@ -312,6 +316,8 @@ class Sampler:
 
         def body(state, i):
             state, lat = self.denoise_step(params, state, inputs, i)
+            if self.settings.progress:
+                jax.debug.callback(progress.emit, i)
             return state, (lat if self.settings.trajectory else None)
 
         steps = jnp.arange(self.settings.num_steps, dtype=jnp.int32)
