@@ -144,6 +144,9 @@ def validate(config: Any) -> None:
     """ConfigError for the first problem in `config` (see module doc); touches no workdir."""
     from pasd_jax.nn.remat import POLICIES
 
+    if config.get("method", "pasd") != "pasd":  # configs/stablesr.py: its step exists, the loop does not yet
+        raise ConfigError(f"config.method={config.method!r}: train.py trains PASD only so far; the StableSR "
+                          "step is pasd_jax.train.stablesr_step.train_step (tested), not yet driven by this loop")
     _choice(config.model.family, "model.family", FAMILIES)
     _choice(config.data.source, "data.source", SOURCES)
     _choice(config.data.mode, "data.mode", MODES)

@@ -98,3 +98,14 @@ def test_a_failed_first_start_removes_its_workdir(capsys, tmp_path, monkeypatch)
     code, _, err = _run(capsys, "--config", TINY, f"--workdir={workdir}", f"--config.base={base}",
                         f"--config.data.paths=('{images}',)")
     assert code == 1 and (workdir / "keep.txt").exists()
+
+
+def test_stablesr_config_is_refused_by_the_pasd_loop(capsys, tmp_path):
+    """configs/stablesr.py has a tested step but no loop yet: one clear line, not a PASD run."""
+    workdir = tmp_path / "sr"
+    config = os.path.join(REPO, "configs", "stablesr.py")
+    code, out, err = _run(capsys, "--config", config, f"--workdir={workdir}", "--config.base=tiny")
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "config.method='stablesr'" in lines[0], err
+    assert not workdir.exists()
