@@ -92,6 +92,8 @@ PROCESS_SIZE = int_in(8, MAX_PROCESS_SIZE)
 TILE_SIZE = int_in(1)
 TILE_OVERLAP = int_in(0)
 TILES_PER_CALL = int_in(1)
+MAX_BATCH_SIZE = 1024
+BATCH_SIZE = int_in(1, MAX_BATCH_SIZE)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -19,6 +19,11 @@ any work; `--skip-existing` resumes an interrupted folder run); unreadable input
 skipped and make the exit status 1 at the end; a seed gives identical output on every run; a
 sidecar `<image>.txt` is that image's prompt; a progress bar shows per-image time; the summary
 counts the files of a folder that were ignored for their extension.
+
+Batches and processes (`pasd_jax.sampling.batching`): `--batch-size N` (default: the local device
+count) restores up to N images of the same processed size in one compiled call, the image axis
+split over the local devices; an image's output does not depend on N. In a multi-process job each
+process restores its own share of the files (disjoint; README "Sampling on several processes").
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from pasd_jax.assembly.loader import load_models
 from pasd_jax.diffusion.schedule import DDIM_DEFAULTS
 from pasd_jax.imaging.io import ImageReadError, list_images, load_image, write_image
 from pasd_jax.sampling import args as checks
-from pasd_jax.sampling import defaults, demo, progress, stablesr_cli
+from pasd_jax.sampling import batching, defaults, demo, progress, stablesr_cli
 from pasd_jax.sampling.pipeline import Restorer, RestoreOptions, join_prompt
+from pasd_jax.train.sharding import maybe_initialize_distributed
 
 IMAGE_SUFFIXES = checks.IMAGE_SUFFIXES
 
@@ -78,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists alone")
     g.add_argument("--no-progress", action="store_true",
                    help="no per-step progress bar (by default the compiled loop reports every denoising step)")
+    g.add_argument("--batch-size", type=checks.BATCH_SIZE, default=None,
+                   help="images of the same processed size restored together in one compiled call, split over "
+                        "the local devices (rounded up to a multiple of their count; outputs do not depend on "
+                        "it; default: the local device count)")
     g = p.add_argument_group("sampling (defaults: the paper's recipe)")
     g.add_argument("--prompt", default="", help="prompt for every image (joined with a sidecar <image>.txt)")
     g.add_argument("--added-prompt", default=defaults.ADDED_PROMPT, help="appended to every prompt (default: %(default)r)")
@@ -212,6 +222,12 @@ def main(argv: Optional[Sequence[str]] = None, *, lora_fuser=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         return _fail(str(err))
     ignored = ignored_files(input_path, inputs)
+    maybe_initialize_distributed()  # a multi-process job: each process takes its own share of the files
+    args.process = (jax.process_index(), jax.process_count())
+    if args.process[1] > 1:
+        pairs = batching.process_share(list(zip(inputs, outputs)), *args.process)
+        inputs, outputs = [i for i, _ in pairs], [o for _, o in pairs]
+        ignored = ignored if args.process[0] == 0 else []
     todo = [(i, o) for i, o in zip(inputs, outputs) if not (args.skip_existing and o.exists())]
     skipped = len(inputs) - len(todo)
     existing = [str(o) for _, o in todo if o.exists()]
@@ -301,25 +317,65 @@ def _run(args, todo, skipped: int, ignored: list, lora_fuser=None) -> int:
     except ValueError as err:  # e.g. --eta with a non-DDIM scheduler, an unsupported scheduler config
         print(f"error: {err}", file=sys.stderr)
         return 1
-    done, failed, times = 0, [], []
-    bar = tqdm(todo, unit="img", file=sys.stderr, disable=not todo)
-    for src, dst in bar:
-        bar.set_postfix_str(src.name)
+    devices = jax.local_device_count()
+    batch_size = args.batch_size or devices
+    call = batching.call_size(batch_size, devices)
+    state = _RunState(args, options, restorer, call, tqdm(total=len(todo), unit="img", file=sys.stderr,
+                                                          disable=not todo))
+    batcher = batching.SizeBatcher(batch_size)
+    for src, dst in todo:
+        state.bar.set_postfix_str(src.name)
         try:
             loaded = load_image(src)
-            with progress.listen(progress.StepBar(options.steps, desc=f"  {src.name}", disable=args.no_progress)):
-                result = restorer.restore(loaded.rgb, prompt=read_prompt(src, args.prompt), seed=args.seed)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            write_image(dst, result.image, overwrite=args.overwrite)
-        except (ImageReadError, ValueError, FileExistsError, OSError) as err:
-            failed.append(src)
-            tqdm.write(f"error: {src}: {err}", file=sys.stderr)
+            item = restorer.prepare(loaded.rgb, prompt=read_prompt(src, args.prompt), seed=args.seed)
+        except (ImageReadError, ValueError, OSError) as err:
+            state.fail([src], err)
             continue
-        done += 1
-        times.append(result.seconds)
-        (pw, ph), (oh, ow) = result.processed_size, result.image.shape[:2]
-        tqdm.write(f"{src.name} -> {dst} (processed at {pw}x{ph} px, written {ow}x{oh} px, "
-                   f"{result.seconds:.2f} s)", file=sys.stderr)
-    bar.close()
-    print(_summary(done, times, skipped, ignored, failed, time.perf_counter() - t0), file=sys.stderr)
-    return 1 if failed else 0
+        for group in batcher.add(item.shape, (src, dst, item)):
+            state.run(group)
+    for group in batcher.flush():
+        state.run(group)
+    state.bar.close()
+    where = f"process {args.process[0]} of {args.process[1]}: " if args.process[1] > 1 else ""
+    print(where + _summary(state.done, state.times, skipped, ignored, state.failed, time.perf_counter() - t0),
+          file=sys.stderr)
+    return 1 if state.failed else 0
+
+
+class _RunState:
+    """Counters of one folder run and the restoring and writing of one batch."""
+
+    def __init__(self, args, options: RestoreOptions, restorer: Restorer, call: int, bar):
+        self.args, self.options, self.restorer, self.call, self.bar = args, options, restorer, call, bar
+        self.done, self.failed, self.times = 0, [], []
+
+    def fail(self, sources: list, err: Exception) -> None:
+        for src in sources:
+            self.failed.append(src)
+            tqdm.write(f"error: {src}: {err}", file=sys.stderr)
+        self.bar.update(len(sources))
+
+    def run(self, group: list) -> None:
+        """Restore one group of (src, dst, Prepared) of one processed size and write its outputs."""
+        names = group[0][0].name + (f" +{len(group) - 1}" if len(group) > 1 else "")
+        try:
+            with progress.listen(progress.StepBar(self.options.steps, desc=f"  {names}",
+                                                  disable=self.args.no_progress)):
+                results = self.restorer.restore_batch([item for _, _, item in group], self.call)
+        except (ValueError, OSError) as err:
+            self.fail([src for src, _, _ in group], err)
+            return
+        for (src, dst, _), result in zip(group, results):
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_image(dst, result.image, overwrite=self.args.overwrite)
+            except (ValueError, FileExistsError, OSError) as err:
+                self.fail([src], err)
+                continue
+            self.done += 1
+            self.times.append(result.seconds)
+            self.bar.update(1)
+            (pw, ph), (oh, ow) = result.processed_size, result.image.shape[:2]
+            batch = f", batch of {result.batch}" if result.batch > 1 else ""
+            tqdm.write(f"{src.name} -> {dst} (processed at {pw}x{ph} px, written {ow}x{oh} px, "
+                       f"{result.seconds:.2f} s{batch})", file=sys.stderr)

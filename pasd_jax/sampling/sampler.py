@@ -18,10 +18,19 @@ of steps, settings) and reused for every image of that size (`trace_count` count
 `Sampler.run_loop` is the plain-Python twin for debugging: the same `denoise_step`, one jitted
 call per step. Latents whose `h·w` exceeds `tile_size²` are split into overlapping tiles whose
 noise predictions are blended with Gaussian weights (§7.5); the tiles of one step are batched
-(`tiles_per_call`, spread over all local devices when there are several).
+(`tiles_per_call`).
 
-Shapes: lq [B, H, W, 3] float32 in [0, 1] (H, W multiples of 8), text [2B or B, L, D], latents
-[B, H/8, W/8, 4]. All scheduler maths and latents are float32.
+Batches and devices: the local devices form a ("data", "tiles") mesh chosen per batch size B:
+`data = gcd(B, n_devices)` devices each take whole images (B/data of them), the remaining factor
+splits a large image's tiles. With guidance the network batch is interleaved per image
+([u0, c0, u1, c1, …]) so that an image's two CFG branches stay on one device. Each image has its
+own noises (`Noises.stack` of per-image draws, per-image step keys), so an image's result depends
+only on its inputs and seed, never on B, its position or the device count (up to float
+reassociation: ~1e-5 relative in the latents).
+
+Shapes: lq [B, H, W, 3] float32 in [0, 1] (H, W multiples of 8), text [2B or B, L, D] (negatives
+first: [neg_0 … neg_B−1; pos_0 … pos_B−1]), latents [B, H/8, W/8, 4]. All scheduler maths and
+latents are float32.
 """
 
 from __future__ import annotations
@@ -103,7 +112,8 @@ class Noises(NamedTuple):
 
     vae_posterior: ε1 of the VAE posterior sample; first_timestep: ε2 (noise to t0, or the whole
     start latent with init="noise"); added_noise_level: ε3 (ANS); step_key: key of the per-step noise
-    (DDIM η > 0, LCM), folded with the step index.
+    (DDIM η > 0, LCM), folded with the step index: one key for the whole batch, or [B] keys (one per
+    image, from `stack`), each drawing its image's [h, w, C] noise.
     """
 
     vae_posterior: jnp.ndarray
@@ -117,6 +127,21 @@ class Noises(NamedTuple):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         normal = lambda k: jax.random.normal(k, latent_shape, jnp.float32)
         return cls(normal(k1), normal(k2), normal(k3), k4)
+
+    @classmethod
+    def stack(cls, draws: list) -> Noises:
+        """One batch from per-image draws (each `draw(key_i, [1, h, w, C])`): arrays concatenated
+        on the batch axis, step keys stacked to [B]. Image i then gets exactly the noises it gets
+        alone, whatever the batch."""
+        keys = [d.step_key.reshape(()) if d.step_key.ndim else d.step_key for d in draws]
+        return cls(*(jnp.concatenate([getattr(d, f) for d in draws]) for f in cls._fields[:3]), jnp.stack(keys))
+
+    def step_noise(self, step_index, shape: tuple) -> jnp.ndarray:
+        """The per-step noise of `shape` [B, h, w, C] at `step_index`."""
+        if self.step_key.ndim == 0:
+            return jax.random.normal(jax.random.fold_in(self.step_key, step_index), shape)
+        one = lambda k: jax.random.normal(jax.random.fold_in(k, step_index), shape[1:])
+        return jax.vmap(one)(self.step_key)
 
 
 class SampleInputs(NamedTuple):
@@ -161,10 +186,13 @@ class Sampler:
     The bundle gives the networks and the schedule; its params (if any) are the default weights
     of `__call__` / `run_loop`."""
 
-    def __init__(self, models, settings: SamplerSettings = SamplerSettings(), timesteps=None, scheduler=None):
+    def __init__(self, models, settings: SamplerSettings = SamplerSettings(), timesteps=None, scheduler=None,
+                 shard: bool = True):
         """`timesteps` (descending ints) replaces the schedule's `settings.num_steps` DDIM timesteps
         (e.g. a golden test's); the DDIM step then goes from t to t − T // len(timesteps).
-        `scheduler` (a built `pasd_jax.diffusion.schedulers` object) replaces the one `settings` names."""
+        `scheduler` (a built `pasd_jax.diffusion.schedulers` object) replaces the one `settings` names.
+        `shard=False` keeps the sampler off the local-device mesh (for a caller that traces it inside
+        its own jit over its own mesh, e.g. training validation)."""
         self.models = models
         self.schedule = models.schedule
         if scheduler is None:
@@ -178,8 +206,48 @@ class Sampler:
         self.trace_count = 0
         self._sample = jax.jit(self._sample_impl)
         self._step = jax.jit(self.denoise_step)
-        devices = jax.local_devices()
-        self._mesh = Mesh(np.array(devices), ("tiles",)) if len(devices) > 1 else None
+        self._devices = jax.local_devices() if shard else []
+        self._mesh = None        # the mesh of the batch being traced (set in `_sample_impl`)
+        self._replicated = {}    # mesh shape -> (params id, params replicated over that mesh)
+
+    def mesh_for(self, batch: int) -> Optional[Mesh]:
+        """The ("data", "tiles") mesh over the local devices for a batch of `batch` images:
+        data = gcd(batch, devices) (whole images per device), tiles = the rest; None on one device."""
+        n = len(self._devices)
+        if n <= 1:
+            return None
+        data = math.gcd(batch, n)
+        return Mesh(np.array(self._devices).reshape(data, n // data), ("data", "tiles"))
+
+    def _constrain(self, x, *spec):
+        """`with_sharding_constraint` to `spec` on the current mesh (no-op on one device)."""
+        if self._mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self._mesh, PartitionSpec(*spec)))
+
+    def place(self, inputs: SampleInputs, params: dict):
+        """(inputs, params) on the mesh of this batch: image-axis arrays split over "data"; text,
+        scalars and params replicated (the params once per params object and mesh)."""
+        b = inputs.lq.shape[0]
+        mesh = self.mesh_for(b)
+        if mesh is None:
+            return inputs, params
+        shard = NamedSharding(mesh, PartitionSpec("data"))
+        rep = NamedSharding(mesh, PartitionSpec())
+        key = mesh.devices.shape
+        cached = self._replicated.get(key)
+        if cached is None or cached[0] is not params:
+            cached = (params, jax.device_put(params, rep))
+            self._replicated = {key: cached}  # one replica set at a time (the weights may be large)
+        nz = inputs.noises
+        noises = Noises(*(jax.device_put(a, shard) for a in nz[:3]),
+                        jax.device_put(nz.step_key, shard if nz.step_key.ndim else rep))
+        placed = inputs._replace(lq=jax.device_put(inputs.lq, shard), text=jax.device_put(inputs.text, rep),
+                                 noises=noises,
+                                 guidance_scale=jax.device_put(inputs.guidance_scale, rep),
+                                 conditioning_scale=jax.device_put(inputs.conditioning_scale, rep),
+                                 added_noise_level=jax.device_put(inputs.added_noise_level, rep))
+        return placed, cached[1]
 
     @staticmethod
     def _build_scheduler(models, settings: SamplerSettings, timesteps):
@@ -219,7 +287,7 @@ class Sampler:
         cs = jnp.stack([cond[:, down * y:down * (y + tile), down * x0:down * (x0 + tile)] for y, x0 in origins])
         per_call = min(s.tiles_per_call, len(origins))
         if self._mesh is not None:  # whole tiles per device; padding tiles are dropped below
-            per_call = math.ceil(per_call / self._mesh.size) * self._mesh.size
+            per_call = math.ceil(per_call / self._mesh.shape["tiles"]) * self._mesh.shape["tiles"]
         groups = math.ceil(len(origins) / per_call)
         pad = groups * per_call - len(origins)
         if pad:  # repeat the last tile; its prediction is dropped below
@@ -228,10 +296,8 @@ class Sampler:
         text_k = jnp.tile(text, (per_call, 1, 1))
 
         def run(chunk):
-            cx, cc = chunk  # [k, n, T, T, 4], [k, n, 8T, 8T, 3]
-            if self._mesh is not None:
-                spec = NamedSharding(self._mesh, PartitionSpec("tiles"))
-                cx, cc = jax.lax.with_sharding_constraint(cx, spec), jax.lax.with_sharding_constraint(cc, spec)
+            cx, cc = chunk  # [k, n, T, T, 4], [k, n, 8T, 8T, 3]: tiles over "tiles", images over "data"
+            cx, cc = self._constrain(cx, "tiles", "data"), self._constrain(cc, "tiles", "data")
             eps = self._eps(params, cx.reshape((-1,) + cx.shape[2:]), t, text_k, cc.reshape((-1,) + cc.shape[2:]),
                             cond_scale)
             return eps.reshape(cx.shape)
@@ -247,16 +313,18 @@ class Sampler:
     def guided_eps(self, params, latents, t, inputs: SampleInputs):
         """ControlNet + UNet noise prediction at t with CFG (and latent tiling when large)."""
         s = self.settings
-        x_in, cond = latents, inputs.lq
-        if s.guidance:
-            x_in, cond = jnp.concatenate([latents, latents]), jnp.concatenate([inputs.lq, inputs.lq])
+        x_in, cond, text = latents, inputs.lq, inputs.text
+        if s.guidance:  # [u0, c0, u1, c1, …]: each image's two branches side by side (one device)
+            x_in, cond, text = jnp.repeat(latents, 2, 0), jnp.repeat(inputs.lq, 2, 0), interleave_cfg(text)
+        x_in, cond, text = self._constrain(x_in, "data"), self._constrain(cond, "data"), self._constrain(text, "data")
         h, w = latents.shape[1:3]
         eps_fn = self._tiled_eps if s.latent_tiling and tiling.needs_tiling(h, w, s.tile_size) else self._eps
-        eps = eps_fn(params, x_in, t, inputs.text, cond, inputs.conditioning_scale)
+        eps = eps_fn(params, x_in, t, text, cond, inputs.conditioning_scale)
         if s.guidance:
-            eps_u, eps_c = jnp.split(eps, 2)
+            eps = eps.reshape((latents.shape[0], 2) + eps.shape[1:])
+            eps_u, eps_c = eps[:, 0], eps[:, 1]
             eps = eps_u + inputs.guidance_scale * (eps_c - eps_u)
-        return eps
+        return self._constrain(eps, "data")
 
     def denoise_step(self, params, state, inputs: SampleInputs, step_index):
         """One guided scheduler step at `step_index` (traced int32): state -> (state, latents).
@@ -267,7 +335,7 @@ class Sampler:
         eps = self.guided_eps(params, latents, jnp.take(self.timesteps, step_index), inputs)
         noise = None
         if sched.needs_noise:
-            noise = jax.random.normal(jax.random.fold_in(inputs.noises.step_key, step_index), latents.shape)
+            noise = self._constrain(inputs.noises.step_noise(step_index, latents.shape), "data")
         return sched.step(state, eps, step_index, noise)
 
     # ---- VAE ------------------------------------------------------------------------------------
@@ -312,7 +380,16 @@ class Sampler:
     # ---- whole runs -----------------------------------------------------------------------------
     def _sample_impl(self, params, inputs: SampleInputs) -> dict:
         self.trace_count += 1  # Python side effect: runs once per trace (= per compilation)
+        self._mesh = self.mesh_for(inputs.lq.shape[0])
+        try:
+            return self._sample_traced(params, inputs)
+        finally:
+            self._mesh = None
+
+    def _sample_traced(self, params, inputs: SampleInputs) -> dict:
+        inputs = inputs._replace(lq=self._constrain(inputs.lq, "data"))
         z0, latents = self.init_latents(params, inputs)
+        latents = self._constrain(latents, "data")
 
         def body(state, i):
             state, lat = self.denoise_step(params, state, inputs, i)
@@ -323,7 +400,7 @@ class Sampler:
         steps = jnp.arange(self.settings.num_steps, dtype=jnp.int32)
         state, traj = jax.lax.scan(body, self.scheduler.init_state(latents), steps)
         final = state.sample
-        decoded = self.decode(params, final)
+        decoded = self._constrain(self.decode(params, final), "data")
         out = {"init_latents": latents, "final_latents": final, "decoded": decoded,
                "image": jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)}
         if z0 is not None:
@@ -335,7 +412,8 @@ class Sampler:
     def __call__(self, inputs: SampleInputs, params: Optional[dict] = None) -> dict:
         """Run the compiled sampler. Returns {"image" [B, H, W, 3] in [0, 1], "decoded",
         "init_latents", "final_latents", "vae_latent_z0" (ANS), "trajectory" [N, B, h, w, 4] (opt.)}."""
-        return self._sample(self.models.params if params is None else params, inputs)
+        inputs, params = self.place(inputs, self.models.params if params is None else params)
+        return self._sample(params, inputs)
 
     def run_loop(self, inputs: SampleInputs, params: Optional[dict] = None) -> dict:
         """The same computation as `__call__` as a Python loop (one jitted call per step)."""
@@ -352,6 +430,12 @@ class Sampler:
         if z0 is not None:
             out["vae_latent_z0"] = z0
         return out
+
+
+def interleave_cfg(text: jnp.ndarray) -> jnp.ndarray:
+    """[neg_0 … neg_B−1; pos_0 … pos_B−1] -> [neg_0, pos_0, neg_1, pos_1, …] ([2B, L, D])."""
+    b2 = text.shape[0]
+    return text.reshape((2, b2 // 2) + text.shape[1:]).swapaxes(0, 1).reshape(text.shape)
 
 
 def make_inputs(lq, text, noises: Noises, *, guidance_scale: float, conditioning_scale: float = 1.0,

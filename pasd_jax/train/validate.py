@@ -26,7 +26,7 @@ def make_val_sampler(models: PASDBundle, num_steps: int, out_sharding=None) -> C
 
     `models` is the training bundle (networks + schedule, no params: they are the argument)."""
     sampler = Sampler(models, SamplerSettings(num_steps=num_steps, guidance=False, vae_tiling="never",
-                                              latent_tiling=False))
+                                              latent_tiling=False), shard=False)
     te = models.text_encoder
 
     def run(params, lq, prompt_ids, key):
