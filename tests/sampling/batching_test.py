@@ -162,3 +162,45 @@ def test_cli_batch_size_writes_what_batch_one_writes(model_dir, tmp_path, capsys
         _close(a, b)
     assert cli.main(common + ["--output", str(tmp_path / "x"), "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_split_a_folder(model_dir, tmp_path, capsys):
+    """sample.py in 2 processes x 2 CPU devices joined by jax.distributed: disjoint shares that
+    cover the folder, each image as a single-process run writes it."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, rgb in enumerate(_images(5)):
+        Image.fromarray(rgb).save(src / f"im{i}.png")
+    common = ["--ckpt", str(model_dir), "--input", str(src), "--steps", "2", "--process-size", "16", "--no-progress"]
+    port = _free_port()
+    procs = []
+    for p in (0, 1):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *common, "--output", str(tmp_path / "mp"),
+                                       "--batch-size", "2"], env=env, stderr=subprocess.PIPE, text=True))
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=600)[1])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a sample.py process timed out")
+        assert proc.returncode == 0, logs[-1][-3000:]
+    written = [sorted(line.split(" -> ")[0] for line in log.splitlines() if " -> " in line) for log in logs]
+    assert written == [["im0.png", "im2.png", "im4.png"], ["im1.png", "im3.png"]]
+    assert "process 0 of 2: restored 3 images" in logs[0] and "process 1 of 2: restored 2 images" in logs[1]
+    assert cli.main(common + ["--output", str(tmp_path / "one"), "--batch-size", "1"]) == 0
+    for i in range(5):
+        _close(np.asarray(Image.open(tmp_path / "mp" / f"im{i}.png")),
+               np.asarray(Image.open(tmp_path / "one" / f"im{i}.png")))
