@@ -61,14 +61,17 @@ def _roots(e2e_dir: str) -> tuple[pathlib.Path, pathlib.Path]:
     raise E2EError(f"no inputs.safetensors in {path} or {path / 'e2e'}")
 
 
-def load_torch_component(folder: pathlib.Path):
-    """A diffusers/transformers folder -> (Flax module, params, config), through our converter."""
+def load_torch_component(folder: pathlib.Path, **overrides):
+    """A diffusers/transformers folder -> (Flax module, params, config), through our converter.
+
+    `overrides` go to the module's `from_config` (e.g. `dtype=jnp.bfloat16`); params stay float32.
+    """
     if not folder.is_dir():
         raise E2EError(f"missing component folder {folder}")
     config = core.read_config(str(folder))
     state = torch_io.load_component_weights(str(folder))
     _, config, params = core.convert_state_dict(config, state, what=str(folder))
-    return registry.build_module(config), jax.device_put(params), config
+    return registry.build_module(config, **overrides), jax.device_put(params), config
 
 
 def _nhwc(x: np.ndarray) -> np.ndarray:
@@ -117,8 +120,12 @@ def _color_fix_names(meta: dict) -> list[str]:
     return names
 
 
-def run_e2e(e2e_dir: str, out_dir: str, *, log=print) -> str:
-    """Run the e2e contract; returns the path of the written `outputs.safetensors`."""
+def run_e2e(e2e_dir: str, out_dir: str, *, dtype=jnp.float32, log=print) -> str:
+    """Run the e2e contract; returns the path of the written `outputs.safetensors`.
+
+    dtype: compute dtype of the UNet and ControlNet, as `sample.py --dtype` (float32, the parity
+    path, unless `benchmarks/bf16_parity.py` asks for bfloat16); VAE and CLIP stay float32.
+    """
     jax.config.update("jax_default_matmul_precision", "highest")
     start = time.perf_counter()
     root, e2e = _roots(e2e_dir)
@@ -130,12 +137,12 @@ def run_e2e(e2e_dir: str, out_dir: str, *, log=print) -> str:
 
     unet_dir = root / meta.get("unet_dir", "pasd/unet")
     cn_dir = root / meta.get("controlnet_dir", "pasd/controlnet")
-    unet, unet_p, unet_cfg = load_torch_component(unet_dir)
+    unet, unet_p, unet_cfg = load_torch_component(unet_dir, dtype=dtype)
     family = unet_cfg[registry.FAMILY_KEY]
     if meta.get("family") not in (None, family):
         log(f"[e2e] warning: meta.json says family {meta['family']!r}, the {unet_dir} keys say {family!r}; "
             f"using {family!r}")
-    controlnet, cn_p, _ = load_torch_component(cn_dir)
+    controlnet, cn_p, _ = load_torch_component(cn_dir, dtype=dtype)
     vae, vae_p, _ = load_torch_component(e2e / "vae")
     text_encoder, text_p, _ = load_torch_component(e2e / "text_encoder")
     eta = float(meta.get("eta", 0.0))

@@ -27,6 +27,12 @@ INIT = "ans"                  # start latent: LQ latent + adjustable noise
 INITS = ("ans", "noise")
 SEED = 0
 
+# ---- compute dtype (`sampling.precision`): "auto" = bfloat16 on GPU/TPU, float32 on CPU (the parity path)
+DTYPE_AUTO = "auto"
+DTYPE = DTYPE_AUTO            # sample.py --dtype default
+DTYPES = (DTYPE_AUTO, "float32", "bfloat16")
+BACKEND_DTYPES = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}  # others: float32
+
 # ---- image processing (§7.2, §7.7) -------------------------------------------------------------
 UPSCALE = 1
 PROCESS_SIZE = 768            # shorter side the model runs at (minimum)
