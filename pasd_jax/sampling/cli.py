@@ -36,7 +36,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from pasd_jax.assembly import defaults as assembly_defaults
@@ -45,7 +44,7 @@ from pasd_jax.assembly.loader import load_models
 from pasd_jax.diffusion.schedule import DDIM_DEFAULTS
 from pasd_jax.imaging.io import ImageReadError, list_images, load_image, write_image
 from pasd_jax.sampling import args as checks
-from pasd_jax.sampling import batching, defaults, demo, progress, stablesr_cli
+from pasd_jax.sampling import batching, defaults, demo, precision, progress, stablesr_cli
 from pasd_jax.sampling.pipeline import Restorer, RestoreOptions, join_prompt
 from pasd_jax.train.sharding import maybe_initialize_distributed
 
@@ -70,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "and the base's (betas, spacing, prediction type)")
     g.add_argument("--lcm-lora", metavar="FILE", help="fuse this LCM-LoRA (diffusers/PEFT or kohya .safetensors) "
                                                       "into the UNet and sample with LCM (default 4 steps)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of UNet and ControlNet; weights stay float32 (default: %(default)s)")
+    g.add_argument("--dtype", choices=defaults.DTYPES, default=defaults.DTYPE,
+                   help="compute dtype of UNet and ControlNet; weights, VAE and text encoder stay float32; auto = "
+                        "bfloat16 on GPU/TPU, float32 (the parity path) on CPU (default: %(default)s)")
     g.add_argument("--demo", action="store_true",
                    help=f"use the tiny built-in SMOKE model (random weights) on --input, or on a generated image "
                         f"(output default: {demo.DEMO_OUTPUT}/)")
@@ -290,12 +290,13 @@ def _run(args, todo, skipped: int, ignored: list, lora_fuser=None) -> int:
     t0 = time.perf_counter()
     if args.demo:
         print(demo.SMOKE_BANNER, file=sys.stderr)
+    dtype = precision.compute_dtype(args.dtype)
     try:
         if args.demo:
-            models = load_models(demo.demo_model_dir())
+            models = load_models(demo.demo_model_dir(), dtype=dtype)
         else:
             models = load_models(args.ckpt, args.base, scheduler=args.scheduler_config, lcm_lora=args.lcm_lora,
-                                 lora_fuser=lora_fuser, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+                                 lora_fuser=lora_fuser, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -305,7 +306,8 @@ def _run(args, todo, skipped: int, ignored: list, lora_fuser=None) -> int:
         options = dataclasses.replace(options, steps=defaults.LCM_STEPS)
     print(f"loaded {models.family} PASD from {models.source} in {time.perf_counter() - t0:.1f} s"
           + (" (SMOKE MODEL, random weights)" if models.smoke else "")
-          + f"; {scheduler}, {options.steps} steps", file=sys.stderr)
+          + f"; {scheduler}, {options.steps} steps; {precision.describe(args.dtype, jax.default_backend())}",
+          file=sys.stderr)
     if models.smoke and args.process_size is None:
         print(f"smoke model: processing at {options.process_size} px (the SD default {defaults.PROCESS_SIZE} "
               f"takes minutes per image on a CPU; --process-size to change)", file=sys.stderr)
