@@ -44,7 +44,6 @@ from pasd_jax.data.device_jpeg import jpeg_batch, to_unit
 
 HIGHEST = jax.lax.Precision.HIGHEST
 KERNEL_SIZE = 21
-_SUPPORT = (0.5, 1.0, 2.0)  # PIL filter supports of RESIZE_MODES: box, bilinear, bicubic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,32 +106,42 @@ def sample_params(rng: np.random.Generator, cfg: Mapping[str, Any], hw: tuple[in
 
 # ---- Pixel stages (one sample; `degrade_batch` vmaps them) --------------------------------------
 
-def _pil_filter(x: jnp.ndarray, mode: jnp.ndarray) -> jnp.ndarray:
-    """PIL's box (-0.5, 0.5], triangle and Keys bicubic (a = -0.5) filters, selected by mode."""
+def _pil_filter(x: jnp.ndarray, box: jnp.ndarray, mode: jnp.ndarray) -> jnp.ndarray:
+    """PIL's box, triangle and Keys bicubic (a = -0.5) filters at x, selected by mode (the box
+    indicator comes in exactly: `box`, see `resize_matrix`)."""
     ax = jnp.abs(x)
-    box = ((x > -0.5) & (x <= 0.5)).astype(jnp.float32)
     tri = jnp.maximum(1.0 - ax, 0.0)
     a = -0.5
     cubic = jnp.where(ax < 1, ((a + 2) * ax - (a + 3)) * ax * ax + 1,
                       jnp.where(ax < 2, (((ax - 5) * ax + 8) * ax - 4) * a, 0.0))
-    return jnp.where(mode == 0, box, jnp.where(mode == 1, tri, cubic))
+    return jnp.where(mode == 0, box.astype(jnp.float32), jnp.where(mode == 1, tri, cubic))
 
 
 def resize_matrix(in_size, out_size, mode, n_out: int, n_in: int) -> jnp.ndarray:
     """[n_out, n_in] float32 matrix of PIL's `precompute_coeffs` (Resample.c) resizing in_size
-    samples to out_size (traced ints ≤ n_in, n_out); rows ≥ out_size and columns ≥ in_size are 0."""
-    in_f, out_f = jnp.asarray(in_size, jnp.float32), jnp.asarray(out_size, jnp.float32)
-    scale = in_f / out_f
-    fscale = jnp.maximum(scale, 1.0)
-    support = jnp.asarray(_SUPPORT)[mode] * fscale
-    center = (jnp.arange(n_out, dtype=jnp.float32) + 0.5) * scale
-    lo = jnp.maximum(jnp.floor(center - support + 0.5), 0.0)[:, None]
-    hi = jnp.minimum(jnp.floor(center + support + 0.5), in_f)[:, None]
-    j = jnp.arange(n_in, dtype=jnp.float32)[None, :]
-    wts = _pil_filter((j - center[:, None] + 0.5) / fscale, mode) * ((j >= lo) & (j < hi))
+    samples to out_size (traced ints ≤ n_in, n_out); rows ≥ out_size and columns ≥ in_size are 0.
+
+    PIL works in double precision; here every tap position is an exact integer ratio instead
+    (2·out·(j + ½ − centre_i) = (2j+1)·out − (2i+1)·in), so the window bounds and the box
+    filter's half-open edge (-½, ½] are decided exactly rather than by float32 rounding. Only
+    the box ("area") has weight at such ties; there PIL's own double rounding picks the other
+    side in about 1 tie in 9 (random sizes), i.e. a row averages one source pixel more or less.
+    Triangle and bicubic weights are continuous and 0 at their support edges: those match PIL to
+    float32 rounding.
+    """
+    n_in_, n_out_ = jnp.asarray(in_size, jnp.int32), jnp.asarray(out_size, jnp.int32)
+    i = jnp.arange(n_out, dtype=jnp.int32)[:, None]
+    j = jnp.arange(n_in, dtype=jnp.int32)[None, :]
+    half = jnp.where(n_in_ > n_out_, n_in_, n_out_)  # out · max(in/out, 1): the filter's scale × out
+    num = (2 * j + 1) * n_out_ - (2 * i + 1) * n_in_  # 2·out·(j + ½ − centre)
+    support = jnp.asarray((1, 2, 4), jnp.int32)[mode] * half  # 2·out·support
+    lo = jnp.maximum(jnp.floor_divide((2 * i + 1) * n_in_ - support + n_out_, 2 * n_out_), 0)
+    hi = jnp.minimum(jnp.floor_divide((2 * i + 1) * n_in_ + support + n_out_, 2 * n_out_), n_in_)
+    box = (num > -half) & (num <= half)  # -½ < x ≤ ½
+    wts = _pil_filter(num.astype(jnp.float32) / (2 * half).astype(jnp.float32), box, mode) * ((j >= lo) & (j < hi))
     total = wts.sum(axis=1, keepdims=True)
     wts = jnp.where(total != 0, wts / jnp.where(total != 0, total, 1.0), 0.0)
-    return wts * (jnp.arange(n_out)[:, None] < out_size)
+    return wts * (i < n_out_)
 
 
 def resize(x: jnp.ndarray, in_hw, out_hw, mode, out_canvas: tuple[int, int]) -> jnp.ndarray:
