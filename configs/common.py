@@ -71,6 +71,9 @@ def base_config() -> mlc.ConfigDict:
     c.data.global_batch = 0            # > 0 overrides batch_per_device × devices (same run on any mesh)
     c.data.null_prompt_prob = 0.5      # PASD's null_text_ratio
     c.data.mode = "realesrgan"         # or "grayscale" (colorization: condition = luma of the crop)
+    # Where the Real-ESRGAN pixels are degraded: "host" (grain workers, numpy/PIL) or "device"
+    # (workers only draw parameters; a jitted batch degradation runs before the train step).
+    c.data.degrade_on = "host"
     c.data.caption_ext = ".txt"        # sidecar caption beside each image; empty prompt if absent
     c.data.min_side = 32               # smaller images are skipped (logged); others are enlarged like PASD
     c.data.max_bad_in_a_row = 16       # this many unreadable records in a row is an error, not a hang

@@ -10,7 +10,9 @@ iterator state. Sources: image folders, array_record files of msgpack `{"image":
 without TensorFlow, `tfds_source.py`).
 
 Batches (host-local, numpy): hq float32 [b, res, res, 3] in [-1, 1]; lq float32 [b, res, res, 3]
-in [0, 1]; prompt_ids int32 [b, 77].
+in [0, 1]; prompt_ids int32 [b, 77]. With `data.degrade_on = "device"` the workers only draw the
+degradation: "lq" is replaced by "degrade", the dict of `device_degrade.pack_params` arrays
+stacked to [b, …], and the trainer computes lq on the device (`device_degrade.degrade_batch`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
-from pasd_jax.data import degrade
+from pasd_jax.data import degrade, device_degrade
 from pasd_jax.imaging.io import IMAGE_EXTENSIONS, read_image
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,15 @@ def make_example(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mappi
     """One training example from a source record (see module doc for shapes)."""
     rgb, caption = _decode(record)
     hq = random_crop(rgb, cfg["resolution"], rng, cfg["min_side"]).astype(np.float32) / 255.0
+    on_device = cfg.get("degrade_on", "host") == "device"
+    if on_device and cfg["mode"] != "realesrgan":
+        raise ValueError(f"data.degrade_on='device' needs data.mode='realesrgan', not {cfg['mode']!r}")
     if cfg["mode"] == "grayscale":
-        lq = degrade.to_grayscale_condition(hq)
+        cond = {"lq": degrade.to_grayscale_condition(hq)}
+    elif cfg["mode"] == "realesrgan" and on_device:  # the same rng draws as the host path, no pixels
+        cond = {"degrade": device_degrade.sample_params(rng, cfg["degradation"], hq.shape[:2])}
     elif cfg["mode"] == "realesrgan":
-        lq = degrade.degrade(hq, rng, cfg["degradation"])
+        cond = {"lq": degrade.degrade(hq, rng, cfg["degradation"])}
     else:
         raise ValueError(f"unknown data.mode {cfg['mode']!r}; expected realesrgan or grayscale")
     if not keep_prompt and rng.uniform() < cfg["null_prompt_prob"]:
@@ -190,7 +197,7 @@ def make_example(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mappi
     from pasd_jax.assembly.tokenizer import tokenize
 
     ids = tokenize(_tokenizer(tokenizer_dir), [caption], MAX_PROMPT_TOKENS)[0]
-    return {"hq": hq * 2.0 - 1.0, "lq": lq, "prompt_ids": ids.astype(np.int32)}
+    return {"hq": hq * 2.0 - 1.0, **cond, "prompt_ids": ids.astype(np.int32)}
 
 
 class _Example:
@@ -273,8 +280,9 @@ def make_dataset(data_cfg, *, seed: int, local_batch: int, tokenizer_dir: str, p
 
 def validation_examples(data_cfg, *, seed: int, count: int, tokenizer_dir: str, source=None) -> dict:
     """A fixed validation batch: the first `count` good records, degraded with their own seeds,
-    captions kept. Same dict layout as a training batch (numpy, [count, …])."""
-    cfg = _plain(data_cfg)
+    captions kept. Same dict layout as a host-degraded training batch (numpy, [count, …]): it is
+    made once, so it is always degraded on the host, whatever `data.degrade_on` says."""
+    cfg = dict(_plain(data_cfg), degrade_on="host")
     source = source if source is not None else make_source(cfg)
     out, index = [], 0
     while len(out) < count and index < len(source) + cfg["max_bad_in_a_row"]:

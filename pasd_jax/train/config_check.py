@@ -1,7 +1,7 @@
 """Checks of a training config before anything is created or loaded (one clear error each).
 
 `check_overrides` finds `--config.FIELD` names that are not fields of the config (with a
-did-you-mean); `validate` checks values: choices (model family, data source/mode, dtypes, remat
+did-you-mean); `validate` checks values: choices (model family, data source/mode/degrade_on, dtypes, remat
 policy), positive counts, and that the data and base exist (folders present and holding images,
 array_record files present, a converted base with its parts). Every problem raises `ConfigError`
 whose message names the field (`config.data.paths`) and what is wrong; `train.py` prints it as one
@@ -19,6 +19,7 @@ DTYPE_NAMES = ("float32", "bfloat16")
 FAMILIES = ("pasd", "pasd_light")
 SOURCES = ("folders", "array_record", "tfds")
 MODES = ("realesrgan", "grayscale")
+DEGRADE_ON = ("host", "device")
 BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -150,6 +151,10 @@ def validate(config: Any) -> None:
     _choice(config.model.family, "model.family", FAMILIES)
     _choice(config.data.source, "data.source", SOURCES)
     _choice(config.data.mode, "data.mode", MODES)
+    _choice(config.data.get("degrade_on", "host"), "data.degrade_on", DEGRADE_ON)
+    if config.data.get("degrade_on", "host") == "device" and config.data.mode != "realesrgan":
+        raise ConfigError(f"config.data.degrade_on='device' degrades Real-ESRGAN style only; "
+                          f"data.mode={config.data.mode!r} needs data.degrade_on='host'")
     _choice(config.dtype.compute, "dtype.compute", DTYPE_NAMES)
     _choice(config.dtype.vae_compute, "dtype.vae_compute", DTYPE_NAMES)
     if "frozen_params" in config.dtype:

@@ -5,7 +5,9 @@ shardings and initial state → data → checkpoint resume → compiled step →
 validate, SIGTERM) → export. Re-running with the same workdir resumes from the newest checkpoint:
 trainable params, optimiser state, step, rng and the grain iterator state are restored, so the
 resumed run repeats the uninterrupted run's losses exactly. The final weights are exported to
-`workdir/export` as a converted pipeline folder that `sample.py` loads.
+`workdir/export` as a converted pipeline folder that `sample.py` loads. With
+`data.degrade_on = "device"` each batch is degraded on the devices (`device_degrader`) between
+the data iterator and the step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from pasd_jax.assembly import registry
 from pasd_jax.assembly.bundle import PASDBundle
-from pasd_jax.data import pipeline
+from pasd_jax.data import device_degrade, pipeline
 from pasd_jax.diffusion.schedule import NoiseSchedule
 from pasd_jax.nn.remat import check_policy
 from pasd_jax.train import checkpoint, sharding, validate
@@ -32,7 +34,7 @@ from pasd_jax.train import workdir as records
 from pasd_jax.train.metrics import MetricWriter
 from pasd_jax.train.optim import make_optimizer
 from pasd_jax.train.state import TrainState, count_params, merge, split
-from pasd_jax.train.step import StepOptions, train_step
+from pasd_jax.train.step import StepOptions, degrade_step, train_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -199,6 +201,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, allow_config_c
             in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
             donate_argnums=0)
     step_fn = _STEP_CACHE[step_key]
+    to_step_batch = device_degrader(config, mesh)  # identity unless data.degrade_on == "device"
 
     val = None
     if config.train.validate_every > 0:
@@ -216,14 +219,14 @@ def train(config, workdir: str, *, stop_after: int | None = None, allow_config_c
     multi_host = jax.process_count() > 1
     batch = None
     if step < total:  # compile ahead of time, so every host enters the first collective together
-        batch = sharding.global_batch(next(data_iter), mesh)
+        batch = to_step_batch(sharding.global_batch(next(data_iter), mesh))
         step_fn = compile_step(step_fn, state, frozen, batch)
     pending, last, t0, steps_since, waited = [], {}, time.perf_counter(), 0, 0.0
     with _Stop(install=not multi_host) as stop:
         while step < total:
             if batch is None:
                 t_wait = time.perf_counter()
-                batch = sharding.global_batch(next(data_iter), mesh)
+                batch = to_step_batch(sharding.global_batch(next(data_iter), mesh))
                 waited += time.perf_counter() - t_wait
             with jax.transfer_guard("disallow" if config.train.transfer_guard else "allow"):
                 state, metrics = step_fn(state, frozen, batch)
@@ -280,6 +283,20 @@ def train(config, workdir: str, *, stop_after: int | None = None, allow_config_c
     stopped = step < total  # SIGTERM / preemption / stop_after: a checkpoint of `step` was saved
     return {"step": step, "last_metrics": last, "export": export, "state": state, "frozen": frozen,
             "stopped": stopped}
+
+
+def device_degrader(config, mesh):
+    """The batch map before the train step: identity for `data.degrade_on = "host"`; for "device",
+    `degrade_step` per example on each device's slice of the batch (`sharding.per_example`),
+    jitted once per canvas and mesh in this process."""
+    if config.data.get("degrade_on", "host") != "device":
+        return lambda batch: batch
+    res = config.data.resolution
+    canvas = device_degrade.canvas_for((res, res), config.data.degradation.to_dict())
+    key = json.dumps(["degrade", dataclasses.asdict(canvas), [d.id for d in mesh.devices.flat]])
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = sharding.per_example(functools.partial(degrade_step, canvas=canvas), mesh)
+    return _STEP_CACHE[key]
 
 
 def compile_step(step_fn, state, frozen, batch):

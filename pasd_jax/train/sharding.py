@@ -8,7 +8,8 @@ on "component/…/leaf" paths decides each array's `PartitionSpec` (first match 
 
 Unmatched arrays with at least `fsdp_min_size` elements get "fsdp", the rest are replicated.
 Optimiser-state leaves (Adam's μ and ν) have the parameter path inside theirs, so the same
-rules shard them like their parameter. The batch is split over ("data", "fsdp") together.
+rules shard them like their parameter. The batch is split over ("data", "fsdp") together;
+`per_example` runs a per-example batch function (the device degradation) on each device's slice.
 The mesh uses Auto axis types (a plain `Mesh`), not the Explicit default of `jax.make_mesh`.
 """
 
@@ -128,9 +129,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
-    """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
+    """Host-local numpy batch (nested dicts allowed) -> global jax.Arrays sharded over the batch
+    axes (multi-host safe)."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    return jax.tree_util.tree_map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), local)
+
+
+def per_example(fn, mesh: Mesh):
+    """`fn(batch) -> batch` (pytrees whose leaves all lead with the batch axis, examples
+    independent) jitted as a `shard_map` over the batch axes: each device transforms its own
+    examples, no collective, and the output keeps the batch sharding."""
+    sh = batch_sharding(mesh)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=BATCH_SPEC, out_specs=BATCH_SPEC)
+    return jax.jit(mapped, in_shardings=sh, out_shardings=sh)
 
 
 def put(tree: Any, shardings: Any) -> Any:

@@ -14,6 +14,9 @@ non-donated argument merged inside the loss, and the frozen VAE / text-encoder w
 runs outside the differentiated function, so it keeps no activations for a backward pass. A non-finite loss or gradient leaves params and
 optimiser state unchanged (the step counter still advances, so the next step draws new noise).
 No I/O and no Python branching on traced values: bind everything static with `functools.partial`.
+
+With `data.degrade_on = "device"` the loop first maps each batch through `degrade_step` (HQ +
+drawn degradation parameters -> HQ + LQ), as Real-ESRGAN's `feed_data` degrades on the GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from pasd_jax.assembly.bundle import PASDBundle
+from pasd_jax.data import device_degrade
 from pasd_jax.train import losses
 from pasd_jax.train.state import TrainState, merge
 
@@ -39,6 +43,13 @@ class StepOptions:
     dr_loss_weight: float = 1.0
     colorfulness_weight: float = 0.0
     latent_scale: float = 0.18215
+
+
+def degrade_step(batch: dict, *, canvas: device_degrade.Canvas) -> dict:
+    """{hq [B, H, W, 3] in [-1, 1], degrade: params, prompt_ids} -> {hq, lq [B, H, W, 3] in [0, 1],
+    prompt_ids}: the batch `train_step` takes, LQ from `device_degrade.degrade_batch`."""
+    lq = device_degrade.degrade_batch((batch["hq"] + 1.0) * 0.5, batch["degrade"], canvas=canvas)
+    return {"hq": batch["hq"], "lq": lq, "prompt_ids": batch["prompt_ids"]}
 
 
 def example_keys(key: jax.Array, first: jnp.ndarray, batch: int) -> jax.Array:

@@ -32,6 +32,9 @@ def _run(capsys, *args):
     (["--config.train.remat_policy=dot"], "config.train.remat_policy='dot' is not one of"),
     (["--config.base=/no/such/base"], "config.base: '/no/such/base' is not a folder"),
     (["--workdirr=x"], "Unknown command line flag 'workdirr'"),
+    (["--config.data.degrade_on=gpu"], "config.data.degrade_on='gpu' is not one of host, device"),
+    (["--config.data.degrade_on=device", "--config.data.mode=grayscale"],
+     "data.mode='grayscale' needs data.degrade_on='host'"),
 ])
 def test_config_mistakes_are_one_error_line_exit_2(capsys, tmp_path, extra, expected):
     empty = tmp_path / "empty"
