@@ -146,22 +146,12 @@ def test_size_batcher_groups_by_size_in_order():
     assert list(b.flush()) == [[5], [6]] and b.pending == 0
 
 
-def test_cli_batch_size_writes_what_batch_one_writes(model_dir, tmp_path, capsys):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i, rgb in enumerate(_images(3) + _images(1, (24, 24, 3), seed=5)):
-        Image.fromarray(rgb).save(src / f"im{i}.png")
-    common = ["--ckpt", str(model_dir), "--input", str(src), "--steps", "2", "--process-size", "16", "--no-progress"]
-    assert cli.main(common + ["--output", str(tmp_path / "one"), "--batch-size", "1"]) == 0
-    assert cli.main(common + ["--output", str(tmp_path / "two"), "--batch-size", "2"]) == 0
-    err = capsys.readouterr().err
-    assert "restored 4 images" in err and "batch of 2" in err
-    for i in range(4):
-        a = np.asarray(Image.open(tmp_path / "one" / f"im{i}.png"))
-        b = np.asarray(Image.open(tmp_path / "two" / f"im{i}.png"))
-        _close(a, b)
-    assert cli.main(common + ["--output", str(tmp_path / "x"), "--batch-size", "0"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+def test_cli_refuses_a_bad_batch_size(model_dir, tmp_path, capsys):
+    args = ["--ckpt", str(model_dir), "--input", str(tmp_path), "--output", str(tmp_path / "x")]
+    for bad in ("0", "-2", "many"):
+        assert cli.main(args + ["--batch-size", bad]) == 2
+        assert "--batch-size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def _free_port() -> int:
@@ -173,11 +163,12 @@ def _free_port() -> int:
 
 
 def test_two_processes_split_a_folder(model_dir, tmp_path, capsys):
-    """sample.py in 2 processes x 2 CPU devices joined by jax.distributed: disjoint shares that
-    cover the folder, each image as a single-process run writes it."""
+    """sample.py --batch-size 2 in 2 processes x 2 CPU devices joined by jax.distributed: disjoint
+    shares that cover the folder, batches grouped by processed size (a short one padded), each
+    image as a single-process batch-1 run writes it."""
     src = tmp_path / "in"
     src.mkdir()
-    for i, rgb in enumerate(_images(5)):
+    for i, rgb in enumerate(_images(5) + _images(1, (24, 24, 3), seed=5)):
         Image.fromarray(rgb).save(src / f"im{i}.png")
     common = ["--ckpt", str(model_dir), "--input", str(src), "--steps", "2", "--process-size", "16", "--no-progress"]
     port = _free_port()
@@ -198,9 +189,11 @@ def test_two_processes_split_a_folder(model_dir, tmp_path, capsys):
             pytest.fail("a sample.py process timed out")
         assert proc.returncode == 0, logs[-1][-3000:]
     written = [sorted(line.split(" -> ")[0] for line in log.splitlines() if " -> " in line) for log in logs]
-    assert written == [["im0.png", "im2.png", "im4.png"], ["im1.png", "im3.png"]]
-    assert "process 0 of 2: restored 3 images" in logs[0] and "process 1 of 2: restored 2 images" in logs[1]
+    assert written == [["im0.png", "im2.png", "im4.png"], ["im1.png", "im3.png", "im5.png"]]
+    assert all("process %d of 2: restored 3 images" % p in log for p, log in enumerate(logs))
+    assert "batch of 2" in logs[0] and "im4.png -> " in logs[0]  # im4 alone: a padded call of 2
+    assert "processed at 24x24 px" in logs[1]
     assert cli.main(common + ["--output", str(tmp_path / "one"), "--batch-size", "1"]) == 0
-    for i in range(5):
+    for i in range(6):
         _close(np.asarray(Image.open(tmp_path / "mp" / f"im{i}.png")),
                np.asarray(Image.open(tmp_path / "one" / f"im{i}.png")))
