@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pathlib
 
+import pasd_jax  # noqa: F401  (sets the project's XLA:CPU defaults before any backend starts)
 import jax
 import pytest
 
