@@ -38,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,100 +46,19 @@ sys.path.insert(0, str(REPO))
 from golden import e2e as e2e_harness  # noqa: E402
 from pasd_jax.sampling import precision  # noqa: E402
 
-GOLDEN_FIXTURES = REPO / "tests" / "fixtures" / "golden"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPARED = ("final_latents", "decoded", "image")
-# tests/sampling/e2e_test.py's case
-GUIDANCE, COND_SCALE, ADDED_LEVEL, SCALING = 7.5, 0.9, 900, 0.18215
 
 
 # ---- part 1: the e2e golden case -----------------------------------------------------------------
-def _randomize_norms(module, torch, seed: int) -> None:
-    """GroupNorm/LayerNorm weight 1 + 0.1·N, bias 0.1·N (as the golden nets were made)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in module.modules():
-            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and mod.weight is not None:
-                mod.weight.copy_(1 + 0.1 * torch.randn(mod.weight.shape, generator=gen))
-                mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=gen))
-
-
 def build_e2e_case(root: pathlib.Path, steps: int) -> dict:
-    """Write the tiny e2e folder under `root` and return its golden tensors (float32, NCHW).
+    """Write the tiny e2e folder of `tests/sampling/e2e_test.py` under `root` (with `steps` DDIM
+    steps) and return its golden tensors (that test's PyTorch procedure, float32, NCHW)."""
+    from tests import e2e_case
 
-    The folder has the same layout and seeds as `tests/sampling/e2e_test.py` (there with 3 steps).
-    """
-    import shutil
-
-    import diffusers
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    shutil.copytree(GOLDEN_FIXTURES / "pasd" / "unet", root / "pasd" / "unet")
-    shutil.copytree(GOLDEN_FIXTURES / "pasd_rrdb" / "controlnet", root / "pasd" / "controlnet")
-    e2e = root / "e2e"
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32),
-                                  layers_per_block=1, norm_num_groups=8, sample_size=64).eval()
-    _randomize_norms(vae, torch, seed=1)
-    vae.save_pretrained(e2e / "vae")
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, eos_token_id=2)).eval()
-    _randomize_norms(clip, torch, seed=2)
-    clip.save_pretrained(e2e / "text_encoder")
-    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    sched.save_config(e2e / "scheduler")
-    sched.set_timesteps(steps)
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 999, (2, 77), generator=gen)
-    ids[:, 0], ids[0, 9:], ids[1, 14:] = 1, 2, 2
-    latent = (1, 4, 16, 16)
-    inputs = {"lq_image": torch.rand((1, 3, 128, 128), generator=gen),
-              "input_ids": ids[1:], "negative_input_ids": ids[:1],
-              "noise.vae_posterior": torch.randn(latent, generator=gen),
-              "noise.first_timestep": torch.randn(latent, generator=gen),
-              "noise.added_noise_level": torch.randn(latent, generator=gen),
-              "guidance_scale": torch.tensor(GUIDANCE), "conditioning_scale": torch.tensor(COND_SCALE),
-              "added_noise_level": torch.tensor(ADDED_LEVEL), "timesteps": sched.timesteps.clone()}
-    save_file({k: v.numpy() for k, v in inputs.items()}, str(e2e / "inputs.safetensors"))
-    (e2e / "meta.json").write_text(json.dumps({"note": "tiny e2e folder built by benchmarks/bf16_parity.py"}))
-    return _torch_golden(root, vae, clip, sched, inputs, torch)
-
-
-def _torch_golden(root, vae, clip, sched, inputs, torch) -> dict:
-    """The reference procedure (PASD_REFERENCE §7.3–7.4) in torch, noise prediction from our fp32 nets."""
-    from golden import harness
-
-    unet, unet_p = harness.load_unet(str(root / "pasd" / "unet"))
-    cn, cn_p = harness.load_controlnet(str(root / "pasd" / "controlnet"))
-
-    @jax.jit
-    def eps_fn(x, t, text, cond):
-        tb = jnp.full((x.shape[0],), t, jnp.int32)
-        _, down, mid = cn.apply({"params": cn_p}, x, tb, text, cond, conditioning_scale=COND_SCALE)
-        return unet.apply({"params": unet_p}, x, tb, text, down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid)
-
-    to_nhwc = lambda t: np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
-    with torch.no_grad():
-        text = clip(torch.cat([inputs["negative_input_ids"], inputs["input_ids"]])).last_hidden_state
-        lq = inputs["lq_image"]
-        dist = vae.encode(2 * lq - 1).latent_dist
-        x = SCALING * (dist.mean + dist.std * inputs["noise.vae_posterior"])
-        x = sched.add_noise(x, inputs["noise.first_timestep"], sched.timesteps[:1])
-        x = sched.add_noise(x, inputs["noise.added_noise_level"], torch.tensor([ADDED_LEVEL]))
-        cond = to_nhwc(torch.cat([lq, lq]))
-        for t in sched.timesteps:
-            eps = np.asarray(eps_fn(to_nhwc(torch.cat([x, x])), int(t), text.numpy(), cond)).transpose(0, 3, 1, 2)
-            e_u, e_c = torch.from_numpy(eps.copy()).chunk(2)
-            x = sched.step(e_u + GUIDANCE * (e_c - e_u), t, x).prev_sample
-        decoded = vae.decode(x / SCALING).sample
-        return {"final_latents": x.numpy(), "decoded": decoded.numpy(),
-                "image": (decoded / 2 + 0.5).clamp(0, 1).numpy()}
+    vae, clip, sched, inputs = e2e_case.build_e2e_dir(root, steps, note="tiny e2e folder built by "
+                                                      "benchmarks/bf16_parity.py")
+    return e2e_case.torch_reference(root, vae, clip, sched, inputs)
 
 
 def _abs_err(a, b) -> dict:
