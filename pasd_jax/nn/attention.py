@@ -40,7 +40,7 @@ CHUNK_THRESHOLD = 2**22
 #: 16 MiB at B·H = 16 (a CFG pair of SD1.5's 8 heads). On a 2-core CPU, [2, 4096, 8, 40] self-
 #: attention takes 0.44 s with 512×512 blocks, 0.52 s with 256×256, 0.46 s with 512×256, 0.55 s
 #: with 1024×512 and 0.87 s with 128×128 (XLA's full-score attention: 2.24 s); one SD1.5-size CFG
-#: step at a 64² latent goes from 15.7 s (256×256) to 13.8 s (`benchmarks/cfg_step.py --latent 64`).
+#: step at a 64² latent goes from 15.7 s (256×256) to 13.8–14.9 s (`benchmarks/cfg_step.py --latent 64`).
 QUERY_BLOCK = 512
 KEY_BLOCK = 512
 
