@@ -26,17 +26,19 @@ GOLDEN_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "golden
 GUIDANCE, COND_SCALE, ADDED_LEVEL, SCALING = 7.5, 0.9, 900, 0.18215
 
 
-def build_e2e_dir(root: pathlib.Path, steps: int = 3, note: str = "tiny e2e folder of tests/e2e_case.py"):
-    """Write the tiny e2e folder under `root`; returns the torch (vae, clip, scheduler, inputs)."""
+def copy_nets(root: pathlib.Path, unet_dir: str = "pasd/unet", controlnet_dir: str = "pasd/controlnet") -> None:
+    """The golden fixtures' PASD UNet and RRDB ControlNet under `root`."""
+    shutil.copytree(GOLDEN_FIXTURES / "pasd" / "unet", root / unet_dir)
+    shutil.copytree(GOLDEN_FIXTURES / "pasd_rrdb" / "controlnet", root / controlnet_dir)
+
+
+def write_vae_and_clip(e2e: pathlib.Path):
+    """Seeded tiny diffusers VAE and transformers CLIP (norms randomised), saved under `e2e`."""
     import diffusers
     import torch
     import transformers
 
     torch.manual_seed(0)
-    gold = GOLDEN_FIXTURES
-    shutil.copytree(gold / "pasd" / "unet", root / "pasd" / "unet")
-    shutil.copytree(gold / "pasd_rrdb" / "controlnet", root / "pasd" / "controlnet")
-    e2e = root / "e2e"
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32),
@@ -48,10 +50,13 @@ def build_e2e_dir(root: pathlib.Path, steps: int = 3, note: str = "tiny e2e fold
         max_position_embeddings=77, eos_token_id=2)).eval()
     randomize_norms(clip, seed=2)
     clip.save_pretrained(e2e / "text_encoder")
-    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    sched.save_config(e2e / "scheduler")
-    sched.set_timesteps(steps)
+    return vae, clip
+
+
+def write_inputs(e2e: pathlib.Path, sched, guidance: float, cond_scale: float, added_level: int) -> dict:
+    """Seeded prompt ids, 128² LQ image and every noise (latent 16²) -> `e2e/inputs.safetensors`."""
+    import torch
+
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 999, (2, 77), generator=gen)
     ids[:, 0], ids[0, 9:], ids[1, 14:] = 1, 2, 2  # BOS, prompt, EOS padding (eos id 2: legacy argmax rule)
@@ -61,9 +66,24 @@ def build_e2e_dir(root: pathlib.Path, steps: int = 3, note: str = "tiny e2e fold
               "noise.vae_posterior": torch.randn(latent, generator=gen),
               "noise.first_timestep": torch.randn(latent, generator=gen),
               "noise.added_noise_level": torch.randn(latent, generator=gen),
-              "guidance_scale": torch.tensor(GUIDANCE), "conditioning_scale": torch.tensor(COND_SCALE),
-              "added_noise_level": torch.tensor(ADDED_LEVEL), "timesteps": sched.timesteps.clone()}
+              "guidance_scale": torch.tensor(guidance), "conditioning_scale": torch.tensor(cond_scale),
+              "added_noise_level": torch.tensor(added_level), "timesteps": sched.timesteps.clone()}
     save_file({k: v.numpy() for k, v in inputs.items()}, str(e2e / "inputs.safetensors"))
+    return inputs
+
+
+def build_e2e_dir(root: pathlib.Path, steps: int = 3, note: str = "tiny e2e folder of tests/e2e_case.py"):
+    """Write the tiny e2e folder under `root` (SD1.5 DDIM); returns the torch (vae, clip, scheduler, inputs)."""
+    import diffusers
+
+    copy_nets(root)
+    e2e = root / "e2e"
+    vae, clip = write_vae_and_clip(e2e)
+    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched.save_config(e2e / "scheduler")
+    sched.set_timesteps(steps)
+    inputs = write_inputs(e2e, sched, GUIDANCE, COND_SCALE, ADDED_LEVEL)
     (e2e / "meta.json").write_text(json.dumps({"note": note}))
     return vae, clip, sched, inputs
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -26,9 +25,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from golden import harness as golden
-from tests.conftest import FIXTURES, REFERENCE
+from tests import e2e_case
+from tests.conftest import REFERENCE
 from tests.imaging.color_fix_test import _t_adain_fix, _t_wavelet_fix
-from tests.torch_oracle import nchw, nhwc, randomize_norms
+from tests.torch_oracle import nchw, nhwc
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -65,38 +65,14 @@ def _tile_weights(tile: int) -> np.ndarray:
 
 def _build(root, name, spec):
     """Write `root/e2e_<name>/` (+ the nets under `root/nets_<name>/`) and return the torch parts."""
-    torch.manual_seed(0)
-    gold = FIXTURES / "golden"
     unet_dir, cn_dir = f"nets_{name}/pasd/unet", f"nets_{name}/pasd/controlnet"
-    shutil.copytree(gold / "pasd" / "unet", root / unet_dir)
-    shutil.copytree(gold / "pasd_rrdb" / "controlnet", root / cn_dir)
+    e2e_case.copy_nets(root, unet_dir, cn_dir)
     e2e = root / f"e2e_{name}"
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32),
-                                  layers_per_block=1, norm_num_groups=8, sample_size=64).eval()
-    randomize_norms(vae, seed=1)
-    vae.save_pretrained(e2e / "vae")
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, eos_token_id=2)).eval()
-    randomize_norms(clip, seed=2)
-    clip.save_pretrained(e2e / "text_encoder")
+    vae, clip = e2e_case.write_vae_and_clip(e2e)
     sched = getattr(diffusers, spec["scheduler"]).from_config(spec["config"])
     sched.save_config(e2e / "scheduler")
     sched.set_timesteps(spec["steps"])
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 999, (2, 77), generator=gen)
-    ids[:, 0], ids[0, 9:], ids[1, 14:] = 1, 2, 2
-    latent = (1, 4, 16, 16)
-    inputs = {"lq_image": torch.rand((1, 3, 128, 128), generator=gen),
-              "input_ids": ids[1:], "negative_input_ids": ids[:1],
-              "noise.vae_posterior": torch.randn(latent, generator=gen),
-              "noise.first_timestep": torch.randn(latent, generator=gen),
-              "noise.added_noise_level": torch.randn(latent, generator=gen),
-              "guidance_scale": torch.tensor(spec["guidance"]), "conditioning_scale": torch.tensor(spec["cond_scale"]),
-              "added_noise_level": torch.tensor(spec["added_noise_level"]), "timesteps": sched.timesteps.clone()}
-    save_file({k: v.numpy() for k, v in inputs.items()}, str(e2e / "inputs.safetensors"))
+    inputs = e2e_case.write_inputs(e2e, sched, spec["guidance"], spec["cond_scale"], spec["added_noise_level"])
     tile, overlap = spec["tile"] or (320, 8)
     meta = {"family": "pasd", "unet_dir": unet_dir, "controlnet_dir": cn_dir, "latent_tiled_size": tile,
             "latent_tiled_overlap": overlap, "tiling_active": spec["tile"] is not None,
