@@ -99,6 +99,25 @@ def test_chunked_attention_is_exact(blocks):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_attention_folded_reductions(dtype):
+    """Key blocks longer than 32 take the folded row max / sum (CPU) and, in float32, the scale
+    on q: still XLA's attention, with ragged keys masked inside a folded block."""
+    from pasd_jax.nn import attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(3 * rng.standard_normal(s), jnp.float32) for s in ((2, 200, 2, 8), (2, 300, 2, 8),
+                                                                              (2, 300, 2, 8)))
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    want = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)), scale=0.35)
+    got = attention.chunked_attention(q, k, v, 0.35, 64, 128)
+    assert got.dtype == dtype
+    tol = 2e-5 if dtype == jnp.float32 else 3e-2  # bfloat16: probabilities rounded before p·v
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
+    folded = attention._fold_last(jnp.arange(128.0)[None], jnp.maximum)
+    assert folded.shape == (1, 32) and float(folded.max()) == 127.0
+
+
 def test_attend_selects_chunked_above_threshold(monkeypatch):
     """"auto" switches to the chunked kernel (a scan in the jaxpr) above CHUNK_THRESHOLD; "xla" never."""
     from pasd_jax.nn import attention
