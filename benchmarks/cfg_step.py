@@ -2,9 +2,12 @@
 
 A step is what the sampler runs per denoising step: the ControlNet and the UNet on a batch of 2
 latents (negative and positive prompt) of `--latent`² with a 77-token context, SD1.5-size random
-weights, float32. Ours is the PASD ControlNet (with its DR net) feeding the PASD UNet (with PACA);
-diffusers' is the stock `ControlNetModel.from_unet` + `UNet2DConditionModel`, which does fewer
-FLOPs (no PACA, a smaller conditioning stem). Each framework runs in its own child process, one
+weights, float32. Ours is the PASD ControlNet feeding the PASD UNet (with PACA); its DR net depends
+on the LQ image alone, so our sampler runs it once per image before the steps (`--dr-net hoisted`,
+the default: its one-image time and FLOPs are printed apart) and `--dr-net step` puts it back in
+every step. diffusers' is the stock `ControlNetModel.from_unet` + `UNet2DConditionModel` as its
+pipeline runs it (conditioning stem in every step), which does fewer FLOPs (no PACA);
+`--family stock` runs our stock UNet instead, the same network as diffusers'. Each framework runs in its own child process, one
 after the other, so `ru_maxrss` is that framework's peak resident memory; a watchdog kills a
 child when the machine's available memory falls below `--min-free-gb`. Prints compile (JAX) or
 first-call time, the median step time of `--repeats`, counted FLOPs (`pasd_jax.perf`), FLOP/s,
@@ -12,6 +15,8 @@ MFU where the device has a known peak, and peak RSS; the last line is one JSON o
 
     python benchmarks/cfg_step.py --latent 32                 # both frameworks
     python benchmarks/cfg_step.py --latent 64 --only jax --attention xla   # A/B the attention kernel
+    python benchmarks/cfg_step.py --latent 32 --family stock   # same network as diffusers'
+    python benchmarks/cfg_step.py --latent 32 --rrdb --dr-net step --only jax   # the DR net per step
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def child_jax(args) -> dict:
     from pasd_jax.fixtures import sd15
     from pasd_jax.perf import model_flops
 
-    cfgs = sd15.configs(args.family)
+    cfgs = sd15.configs(args.family, use_rrdb=args.rrdb)
     unet, controlnet = registry.build_module(cfgs["unet"]), registry.build_module(cfgs["controlnet"])
     params = {"unet": _device_params(cfgs["unet"], 0), "controlnet": _device_params(cfgs["controlnet"], 1)}
     rng = np.random.default_rng(0)
@@ -92,20 +97,35 @@ def child_jax(args) -> dict:
     cond = jnp.asarray(rng.random((b, 8 * lat, 8 * lat, 3)), jnp.float32)
     t = jnp.full((b,), 500, jnp.int32)
 
-    def step(p, x, t, text, cond):
-        _, down, mid = controlnet.apply({"params": p["controlnet"]}, x, t, text, cond)
+    def embed(p, cond):  # the DR net: the sampler runs it once per image, before its steps
+        return controlnet.apply({"params": p["controlnet"]}, cond, method=controlnet.embed_condition)
+
+    def step(p, x, t, text, cond_or_feature):
+        kw = {"cond_feature": cond_or_feature} if args.dr_net == "hoisted" else {}
+        _, down, mid = controlnet.apply({"params": p["controlnet"]}, x, t, text,
+                                        None if kw else cond_or_feature, **kw)
         return unet.apply({"params": p["unet"]}, x, t, text, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid)
 
+    dr_s = dr_flops = None
+    if args.dr_net == "hoisted":  # one image's feature, repeated for the CFG pair as the sampler does
+        embed_c = jax.jit(embed).lower(params, cond[:1]).compile()
+        _, dr_s = _timed(lambda: embed_c(params, cond[:1]).block_until_ready(), args.repeats)
+        dr_flops = model_flops.count(embed, params, cond[:1])
+        step_in = jnp.repeat(embed_c(params, cond[:1]), b, 0)
+    else:
+        step_in = cond
     start = time.perf_counter()
-    compiled = jax.jit(step).lower(params, x, t, text, cond).compile()
+    compiled = jax.jit(step).lower(params, x, t, text, step_in).compile()
     compile_s = time.perf_counter() - start
-    first, steady = _timed(lambda: compiled(params, x, t, text, cond).block_until_ready(), args.repeats)
-    flops = model_flops.unet_flops(unet, lat, b) + model_flops.controlnet_flops(controlnet, lat, b)
+    first, steady = _timed(lambda: compiled(params, x, t, text, step_in).block_until_ready(), args.repeats)
+    flops = model_flops.count(step, params, x, t, text, step_in)
     ma = compiled.memory_analysis()
-    return {"framework": "pasd-jax", "what": f"PASD ControlNet + {args.family} UNet", "compile_s": compile_s,
+    what = f"PASD ControlNet{' (RRDB)' if args.rrdb else ''} + {args.family} UNet, DR net {args.dr_net}"
+    return {"framework": "pasd-jax", "what": what, "compile_s": compile_s,
             "first_s": first, "step_s": steady, "flops": flops, "peak_rss_gb": _peak_rss_gb(),
-            "xla_temp_gb": ma.temp_size_in_bytes / 2**30 if ma else None,
+            "xla_temp_gb": ma.temp_size_in_bytes / 2**30 if ma else None, "dr_net": args.dr_net,
+            "dr_net_s_per_image": dr_s, "dr_net_flops_per_image": dr_flops,
             "attention": os.environ.get("PASD_JAX_ATTENTION", "auto"), "device": jax.devices()[0].device_kind}
 
 
@@ -153,7 +173,7 @@ def child_torch(args) -> dict:
 
 def _run_child(which: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--child", which, "--latent", str(args.latent), "--repeats", str(args.repeats),
-           "--family", args.family]
+           "--family", args.family, "--dr-net", args.dr_net] + (["--rrdb"] if args.rrdb else [])
     env = dict(os.environ)
     if args.attention:
         env["PASD_JAX_ATTENTION"] = args.attention
@@ -177,7 +197,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", type=int, default=32, help="latent side (image side 8×)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--family", choices=("pasd", "pasd_light"), default="pasd")
+    ap.add_argument("--family", choices=("pasd", "pasd_light", "stock"), default="pasd",
+                    help="our UNet family (stock: the same network as diffusers', a framework-only comparison)")
+    ap.add_argument("--rrdb", action="store_true", help="the DR net with its two RRDBs (the *_rrdb releases)")
+    ap.add_argument("--dr-net", choices=("hoisted", "step"), default="hoisted",
+                    help="hoisted: the step gets the DR-net feature computed once per image, as our sampler "
+                         "runs it (its cost is printed apart); step: the DR net inside every step")
     ap.add_argument("--only", choices=("jax", "torch"), default=None)
     ap.add_argument("--attention", choices=("auto", "xla", "chunked"), default=None,
                     help="PASD_JAX_ATTENTION for the JAX child (default: its environment, else auto)")
@@ -200,6 +225,9 @@ def main() -> None:
         results[which] = r
         comp = f"compile {r['compile_s']:.1f} s, " if r["compile_s"] is not None else ""
         extra = f", attention {r['attention']}" if which == "jax" else f", {r['threads']} threads"
+        if which == "jax" and r.get("dr_net_s_per_image") is not None:
+            extra += (f"; DR net once per image: {r['dr_net_s_per_image']:.3f} s, "
+                      f"{r['dr_net_flops_per_image'] / 1e9:.1f} GFLOP (not in the step)")
         print(f"{r['framework']:9s} {r['what']}: {comp}first {r['first_s']:.2f} s, step {r['step_s']:.3f} s "
               f"(median of {args.repeats}), {r['flops'] / 1e9:.0f} GFLOP, {peak.describe(r['flops'], r['step_s'], top)}, "
               f"peak RSS {r['peak_rss_gb']:.2f} GiB{extra}", flush=True)

@@ -119,25 +119,44 @@ class ControlNetModel(SDTrunk):
         """LQ-image / latent size ratio implied by the DR net (8 for four levels)."""
         return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
 
-    def __call__(self, sample: jnp.ndarray, timestep: jnp.ndarray, encoder_hidden_states: jnp.ndarray,
-                 controlnet_cond: jnp.ndarray, conditioning_scale: float | jnp.ndarray = 1.0,
-                 guess_mode: bool = False):
-        """Returns `(rgbs or None, down_res list, mid_res)`; residuals scaled, rgbs never (§4.3)."""
+    def embed_condition(self, controlnet_cond: jnp.ndarray) -> jnp.ndarray:
+        """The DR net's feature alone: controlnet_cond [B, 8h, 8w, 3] -> [B, h, w, C0] (no rgbs).
+
+        It depends on the LQ image only, not on the latent, timestep or prompt, so a sampler
+        computes it once per image and passes it to every step as `cond_feature`."""
+        return self._dr_net(controlnet_cond)[0]
+
+    def _dr_net(self, controlnet_cond: jnp.ndarray):
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError(f"unknown controlnet_conditioning_channel_order "
                              f"{self.controlnet_conditioning_channel_order!r}")
         cond = controlnet_cond.astype(self.dtype)
         if self.controlnet_conditioning_channel_order == "bgr":
             cond = jnp.flip(cond, axis=-1)
+        return self.controlnet_cond_embedding(cond)
+
+    def __call__(self, sample: jnp.ndarray, timestep: jnp.ndarray, encoder_hidden_states: jnp.ndarray,
+                 controlnet_cond: jnp.ndarray | None, conditioning_scale: float | jnp.ndarray = 1.0,
+                 guess_mode: bool = False, cond_feature: jnp.ndarray | None = None):
+        """Returns `(rgbs or None, down_res list, mid_res)`; residuals scaled, rgbs never (§4.3).
+
+        `cond_feature` ([B, h, w, C0], from `embed_condition`) replaces the DR net on
+        `controlnet_cond` (which may then be None); rgbs are None in that case."""
         sample = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
         temb = self.embed_time(timestep, sample.shape[0])
 
-        feature, rgbs = self.controlnet_cond_embedding(cond)
+        if cond_feature is None:
+            if controlnet_cond is None:
+                raise ValueError("ControlNetModel needs controlnet_cond or cond_feature")
+            feature, rgbs = self._dr_net(controlnet_cond)
+            where = f"controlnet_cond {controlnet_cond.shape[1:3]} must be {self.cond_downscale}× the"
+        else:
+            feature, rgbs = cond_feature.astype(self.dtype), None
+            where = f"cond_feature {cond_feature.shape[1:3]} must equal the"
         h = self.conv_in(sample)
         if feature.shape[1:3] != h.shape[1:3]:
-            raise ValueError(f"controlnet_cond {controlnet_cond.shape[1:3]} must be {self.cond_downscale}× the "
-                             f"latent size {sample.shape[1:3]} (DR-net output {feature.shape[1:3]})")
+            raise ValueError(f"{where} latent size {sample.shape[1:3]} (DR-net output {feature.shape[1:3]})")
         h = h + feature
         h, skips = self.run_down(h, temb, context)
         h = self.mid_block(h, temb, context)
@@ -157,7 +176,7 @@ class ControlNetModel(SDTrunk):
         if self.global_pool_conditions:
             down_res = [jnp.mean(r, axis=(1, 2), keepdims=True) for r in down_res]
             mid_res = jnp.mean(mid_res, axis=(1, 2), keepdims=True)
-        return (rgbs if self.return_rgbs else None), down_res, mid_res
+        return (rgbs if self.return_rgbs and rgbs is not None else None), down_res, mid_res
 
     def init_inputs(self, batch: int = 1) -> dict:
         """Dummy kwargs for `init` / `eval_shape` (smallest latent that survives every downsample)."""

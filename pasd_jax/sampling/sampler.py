@@ -6,9 +6,10 @@ the scan carry:
 
     z0      = 0.18215 · (mean + std · ε1)                       VAE posterior sample of 2·lq − 1
     latents = sqrt(ᾱ_a ᾱ_t0) z0 + sqrt(ᾱ_a (1 − ᾱ_t0)) ε2 + sqrt(1 − ᾱ_a) ε3      (ANS, §7.4)
+    f       = DR-net feature of lq                               (once: it depends on lq alone)
     for i, t in enumerate(timesteps):                            (one `lax.scan`)
         x_in = [latents; latents]; text = [negative; positive]
-        rgbs, down, mid = controlnet(x_in, t, text, [lq; lq], conditioning_scale)
+        down, mid = controlnet(x_in, t, text, [f; f], conditioning_scale)
         ε_u, ε_c = unet(x_in, t, text, down, mid)
         state, latents = scheduler.step(state, ε_u + g (ε_c − ε_u), i)
     image = clip(vae.decode(latents / 0.18215) / 2 + 0.5, 0, 1)
@@ -153,6 +154,9 @@ class SampleInputs(NamedTuple):
     guidance_scale: jnp.ndarray     # scalar float32
     conditioning_scale: jnp.ndarray  # scalar float32
     added_noise_level: jnp.ndarray  # scalar int32 (≤ 0: ANS off)
+    #: DR-net features of `lq`, set by the sampler once per run (`Sampler.condition`): [B, h, w, C0],
+    #: or [groups, tiles per call, B, T, T, C0] when the latent is tiled. None from `make_inputs`.
+    cond_feature: Optional[jnp.ndarray] = None
 
 
 def ans_init(schedule, z0, eps_t0, eps_added, t0, added_noise_level):
@@ -263,47 +267,80 @@ class Sampler:
         return make_scheduler(settings.scheduler, config, settings.num_steps, eta=settings.eta)
 
     # ---- networks -----------------------------------------------------------------------------
-    def _eps(self, params, x, t, text, cond, cond_scale):
-        """ControlNet + PASD UNet on a batch: x [N, h, w, 4], cond [N, 8h, 8w, 3] -> ε [N, h, w, 4]."""
+    def _eps(self, params, x, t, text, feature, cond_scale):
+        """ControlNet (on the DR-net `feature`) + PASD UNet on a batch: x [N, h, w, 4],
+        feature [N, h, w, C0] -> ε [N, h, w, 4]."""
         m = self.models
         tb = jnp.broadcast_to(t, (x.shape[0],))
-        _, down, mid = m.controlnet.apply({"params": params["controlnet"]}, x, tb, text, cond,
-                                          conditioning_scale=cond_scale)
+        _, down, mid = m.controlnet.apply({"params": params["controlnet"]}, x, tb, text, None,
+                                          conditioning_scale=cond_scale, cond_feature=feature)
         eps = m.unet.apply({"params": params["unet"]}, x, tb, text, down_block_additional_residuals=down,
                            mid_block_additional_residual=mid)
         return eps.astype(jnp.float32)
 
-    def _tiled_eps(self, params, x, t, text, cond, cond_scale):
-        """`_eps` over overlapping latent tiles blended with Gaussian weights (§7.5)."""
-        s, down = self.settings, self.models.latent_downscale
-        n, h, w, c = x.shape
+    def _tiled(self, h: int, w: int) -> bool:
+        return self.settings.latent_tiling and tiling.needs_tiling(h, w, self.settings.tile_size)
+
+    def _tile_layout(self, h: int, w: int):
+        """(tile side, origins, tiles per call, groups) of an h×w latent; the last group is padded
+        by repeating the last tile (its prediction is dropped)."""
+        s = self.settings
         tile = tiling.effective_tile(h, w, s.tile_size)
         origins = tiling.tile_origins(h, w, s.tile_size, s.tile_overlap)
+        per_call = min(s.tiles_per_call, len(origins))
+        if self._mesh is not None:  # whole tiles per device
+            per_call = math.ceil(per_call / self._mesh.shape["tiles"]) * self._mesh.shape["tiles"]
+        return tile, origins, per_call, math.ceil(len(origins) / per_call)
+
+    def _tile_stack(self, a, h: int, w: int, scale: int = 1):
+        """Crops of every latent tile of `a` [n, scale·h, scale·w, C] (`scale` = 8 for the LQ
+        image), grouped per network call: [groups, tiles per call, n, scale·T, scale·T, C]."""
+        tile, origins, per_call, groups = self._tile_layout(h, w)
+        crops = jnp.stack([a[:, scale * y:scale * (y + tile), scale * x0:scale * (x0 + tile)] for y, x0 in origins])
+        pad = groups * per_call - len(origins)
+        if pad:
+            crops = jnp.concatenate([crops, jnp.repeat(crops[-1:], pad, 0)])
+        return crops.reshape((groups, per_call) + crops.shape[1:])
+
+    def condition(self, params, lq):
+        """DR-net features of the LQ images, computed once per run: they depend on the image alone
+        (not on the latent, timestep, prompt or CFG branch), so the 2·steps network calls of an
+        image share one. lq [B, H, W, 3] -> [B, h, w, C0], or per tile as `_tile_stack` (the DR net
+        runs on each tile's own crop of the LQ image, as the reference's per-tile ControlNet does)."""
+        m = self.models
+        embed = lambda c: m.controlnet.apply({"params": params["controlnet"]}, c,
+                                             method=m.controlnet.embed_condition)
+        d = m.latent_downscale
+        h, w = lq.shape[1] // d, lq.shape[2] // d
+        if not self._tiled(h, w):
+            return self._constrain(embed(lq), "data")
+
+        def run(chunk):  # [k, B, 8T, 8T, 3] -> [k, B, T, T, C0]
+            chunk = self._constrain(chunk, "tiles", "data")
+            f = embed(chunk.reshape((-1,) + chunk.shape[2:]))
+            return self._constrain(f.reshape(chunk.shape[:2] + f.shape[1:]), "tiles", "data")
+
+        return jax.lax.map(run, self._tile_stack(lq, h, w, scale=d))
+
+    def _tiled_eps(self, params, x, t, text, features, cond_scale):
+        """`_eps` over overlapping latent tiles blended with Gaussian weights (§7.5); `features`
+        are the tiles' DR-net features [groups, tiles per call, N, T, T, C0]."""
+        n, h, w, c = x.shape
+        tile, origins, per_call, groups = self._tile_layout(h, w)
         weights = tiling.gaussian_weights(tile, tile)
         norm = np.zeros((h, w), np.float64)
         for y, x0 in origins:
             norm[y:y + tile, x0:x0 + tile] += weights
-        xs = jnp.stack([x[:, y:y + tile, x0:x0 + tile] for y, x0 in origins])
-        cs = jnp.stack([cond[:, down * y:down * (y + tile), down * x0:down * (x0 + tile)] for y, x0 in origins])
-        per_call = min(s.tiles_per_call, len(origins))
-        if self._mesh is not None:  # whole tiles per device; padding tiles are dropped below
-            per_call = math.ceil(per_call / self._mesh.shape["tiles"]) * self._mesh.shape["tiles"]
-        groups = math.ceil(len(origins) / per_call)
-        pad = groups * per_call - len(origins)
-        if pad:  # repeat the last tile; its prediction is dropped below
-            xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, 0)])
-            cs = jnp.concatenate([cs, jnp.repeat(cs[-1:], pad, 0)])
         text_k = jnp.tile(text, (per_call, 1, 1))
 
         def run(chunk):
-            cx, cc = chunk  # [k, n, T, T, 4], [k, n, 8T, 8T, 3]: tiles over "tiles", images over "data"
-            cx, cc = self._constrain(cx, "tiles", "data"), self._constrain(cc, "tiles", "data")
-            eps = self._eps(params, cx.reshape((-1,) + cx.shape[2:]), t, text_k, cc.reshape((-1,) + cc.shape[2:]),
+            cx, cf = chunk  # [k, n, T, T, 4], [k, n, T, T, C0]: tiles over "tiles", images over "data"
+            cx, cf = self._constrain(cx, "tiles", "data"), self._constrain(cf, "tiles", "data")
+            eps = self._eps(params, cx.reshape((-1,) + cx.shape[2:]), t, text_k, cf.reshape((-1,) + cf.shape[2:]),
                             cond_scale)
             return eps.reshape(cx.shape)
 
-        shape = lambda a: a.reshape((groups, per_call) + a.shape[1:])
-        eps_tiles = jax.lax.map(run, (shape(xs), shape(cs))).reshape((-1,) + xs.shape[1:])
+        eps_tiles = jax.lax.map(run, (self._tile_stack(x, h, w), features)).reshape((-1, n, tile, tile, c))
         acc = jnp.zeros((n, h, w, c), jnp.float32)
         w4 = jnp.asarray(weights)[None, :, :, None]
         for i, (y, x0) in enumerate(origins):
@@ -311,15 +348,21 @@ class Sampler:
         return acc / jnp.asarray(norm, jnp.float32)[None, :, :, None]
 
     def guided_eps(self, params, latents, t, inputs: SampleInputs):
-        """ControlNet + UNet noise prediction at t with CFG (and latent tiling when large)."""
+        """ControlNet + UNet noise prediction at t with CFG (and latent tiling when large).
+        `inputs.cond_feature` holds the DR-net features (computed here when it is None)."""
         s = self.settings
-        x_in, cond, text = latents, inputs.lq, inputs.text
-        if s.guidance:  # [u0, c0, u1, c1, …]: each image's two branches side by side (one device)
-            x_in, cond, text = jnp.repeat(latents, 2, 0), jnp.repeat(inputs.lq, 2, 0), interleave_cfg(text)
-        x_in, cond, text = self._constrain(x_in, "data"), self._constrain(cond, "data"), self._constrain(text, "data")
         h, w = latents.shape[1:3]
-        eps_fn = self._tiled_eps if s.latent_tiling and tiling.needs_tiling(h, w, s.tile_size) else self._eps
-        eps = eps_fn(params, x_in, t, text, cond, inputs.conditioning_scale)
+        tiled = self._tiled(h, w)
+        feat = inputs.cond_feature if inputs.cond_feature is not None else self.condition(params, inputs.lq)
+        x_in, text = latents, inputs.text
+        if s.guidance:  # [u0, c0, u1, c1, …]: each image's two branches side by side (one device)
+            x_in, text = jnp.repeat(latents, 2, 0), interleave_cfg(text)
+            feat = jnp.repeat(feat, 2, 2 if tiled else 0)
+        x_in, text = self._constrain(x_in, "data"), self._constrain(text, "data")
+        if tiled:
+            eps = self._tiled_eps(params, x_in, t, text, feat, inputs.conditioning_scale)
+        else:
+            eps = self._eps(params, x_in, t, text, self._constrain(feat, "data"), inputs.conditioning_scale)
         if s.guidance:
             eps = eps.reshape((latents.shape[0], 2) + eps.shape[1:])
             eps_u, eps_c = eps[:, 0], eps[:, 1]
@@ -388,6 +431,7 @@ class Sampler:
 
     def _sample_traced(self, params, inputs: SampleInputs) -> dict:
         inputs = inputs._replace(lq=self._constrain(inputs.lq, "data"))
+        inputs = inputs._replace(cond_feature=self.condition(params, inputs.lq))
         z0, latents = self.init_latents(params, inputs)
         latents = self._constrain(latents, "data")
 
@@ -419,6 +463,7 @@ class Sampler:
         """The same computation as `__call__` as a Python loop (one jitted call per step)."""
         params = self.models.params if params is None else params
         z0, latents = jax.jit(self.init_latents)(params, inputs)
+        inputs = inputs._replace(cond_feature=jax.jit(self.condition)(params, inputs.lq))
         init, traj = latents, []
         state = self.scheduler.init_state(latents)
         for i in range(self.settings.num_steps):

@@ -80,6 +80,15 @@ def test_ans_closed_form_matches_two_add_noise_calls(models, sampler):
     np.testing.assert_allclose(ans_init(sampler.scheduler, z0, 0 * e2, 0 * e3, t0, 900), coef * z0, rtol=1e-5)
 
 
+def _full_eps(models, p, x, t, text, cond, cond_scale):
+    """ControlNet with its DR net on the LQ crop `cond` (no hoisting) + UNet: the reference call."""
+    tb = jnp.broadcast_to(t, (x.shape[0],))
+    _, down, mid = models.controlnet.apply({"params": p["controlnet"]}, x, tb, text, cond,
+                                           conditioning_scale=cond_scale)
+    return models.unet.apply({"params": p["unet"]}, x, tb, text, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)
+
+
 def test_tiled_prediction_matches_numpy_blend_oracle(models):
     settings = SamplerSettings(num_steps=STEPS, tile_size=6, tile_overlap=2, tiles_per_call=2)
     s = Sampler(models, settings)
@@ -87,10 +96,12 @@ def test_tiled_prediction_matches_numpy_blend_oracle(models):
     x = jnp.concatenate([inp.noises.first_timestep] * 2)
     cond = jnp.concatenate([inp.lq] * 2)
     t, p = jnp.int32(501), models.params
-    got = jax.jit(s._tiled_eps)(p, x, t, inp.text, cond, inp.conditioning_scale)
+    features = jax.jit(s.condition)(p, cond)  # the DR net once per tile crop, [groups, per call, 2, T, T, C0]
+    assert features.shape[:3] == (3, 2, 2)
+    got = jax.jit(s._tiled_eps)(p, x, t, inp.text, features, inp.conditioning_scale)
     origins = tiling.tile_origins(8, 12, 6, 2)
     assert len(origins) == 6  # 2 rows × 3 columns, one padded group with tiles_per_call=2 → 3 calls
-    eps = jax.jit(s._eps)
+    eps = jax.jit(lambda *a: _full_eps(models, *a))
     d = models.latent_downscale
     tiles = [eps(p, x[:, y:y + 6, x0:x0 + 6], t, inp.text, cond[:, d * y:d * (y + 6), d * x0:d * (x0 + 6)],
                  inp.conditioning_scale) for y, x0 in origins]
@@ -99,9 +110,30 @@ def test_tiled_prediction_matches_numpy_blend_oracle(models):
     # one tile covering the latent gives the untiled prediction
     whole = Sampler(models, dataclasses.replace(settings, tile_size=12, tile_overlap=0))
     sq = jnp.concatenate([x[:, :, :8], x[:, :, :8]])[:2]
-    got1 = jax.jit(whole._tiled_eps)(p, sq, t, inp.text, cond[:, :, :8 * d], inp.conditioning_scale)
-    want1 = jax.jit(whole._eps)(p, sq, t, inp.text, cond[:, :, :8 * d], inp.conditioning_scale)
+    sq_cond = cond[:, :, :8 * d]
+    got1 = jax.jit(whole._tiled_eps)(p, sq, t, inp.text, jax.jit(whole.condition)(p, sq_cond)[None, None],
+                                     inp.conditioning_scale)
+    want1 = jax.jit(lambda *a: _full_eps(models, *a))(p, sq, t, inp.text, sq_cond, inp.conditioning_scale)
     np.testing.assert_allclose(got1, want1, atol=1e-5)
+
+
+def test_dr_net_feature_computed_once_equals_per_call(models):
+    """Hoisting the DR net out of the steps and the CFG pair changes nothing: the sampler's noise
+    prediction equals the ControlNet run on the LQ image itself at every call."""
+    s = Sampler(models, SamplerSettings(num_steps=STEPS))
+    inp = _inputs(models, seed=6)
+    t, p = jnp.int32(701), models.params
+    latents = inp.noises.first_timestep
+    got = jax.jit(s.guided_eps)(p, latents, t, inp)  # computes the feature itself (cond_feature None)
+    hoisted = inp._replace(cond_feature=jax.jit(s.condition)(p, inp.lq))
+    np.testing.assert_array_equal(jax.jit(s.guided_eps)(p, latents, t, hoisted), got)
+    text = jnp.concatenate([inp.text[:1], inp.text[1:]])  # [neg; pos]
+    both = _full_eps(models, p, jnp.concatenate([latents] * 2), t, text, jnp.concatenate([inp.lq] * 2),
+                     inp.conditioning_scale)
+    want = both[:1] + inp.guidance_scale * (both[1:] - both[:1])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="controlnet_cond or cond_feature"):
+        models.controlnet.apply({"params": p["controlnet"]}, latents, jnp.zeros((1,), jnp.int32), inp.text[:1], None)
 
 
 def test_guidance_off_equals_scale_one(models):
