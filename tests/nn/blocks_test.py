@@ -99,12 +99,15 @@ def test_chunked_attention_is_exact(blocks):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_attention_folded_reductions(dtype):
-    """Key blocks longer than 32 take the folded row max / sum (CPU) and, in float32, the scale
-    on q: still XLA's attention, with ragged keys masked inside a folded block."""
+def test_chunked_attention_folded_reductions(dtype, backend, monkeypatch):
+    """Key blocks longer than 32 take the folded row max and the row sums inside p·[v, 1] on a
+    CPU (the plain reductions elsewhere, here forced with backend "tpu") and, in float32, the
+    scale on q: still XLA's attention, with ragged keys masked inside a folded block."""
     from pasd_jax.nn import attention
 
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: backend)
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(3 * rng.standard_normal(s), jnp.float32) for s in ((2, 200, 2, 8), (2, 300, 2, 8),
                                                                               (2, 300, 2, 8)))
@@ -115,7 +118,7 @@ def test_chunked_attention_folded_reductions(dtype):
     tol = 2e-5 if dtype == jnp.float32 else 3e-2  # bfloat16: probabilities rounded before p·v
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
     folded = attention._fold_last(jnp.arange(128.0)[None], jnp.maximum)
-    assert folded.shape == (1, 32) and float(folded.max()) == 127.0
+    assert folded.shape == ((1, 32) if backend == "cpu" else (1, 128)) and float(folded.max()) == 127.0
 
 
 def test_attend_selects_chunked_above_threshold(monkeypatch):
