@@ -124,6 +124,7 @@ def child_jax(args) -> dict:
     what = f"PASD ControlNet{' (RRDB)' if args.rrdb else ''} + {args.family} UNet, DR net {args.dr_net}"
     return {"framework": "pasd-jax", "what": what, "compile_s": compile_s,
             "first_s": first, "step_s": steady, "flops": flops, "peak_rss_gb": _peak_rss_gb(),
+            "weights_gb": sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) / 2**30,
             "xla_temp_gb": ma.temp_size_in_bytes / 2**30 if ma else None, "dr_net": args.dr_net,
             "dr_net_s_per_image": dr_s, "dr_net_flops_per_image": dr_flops,
             "attention": os.environ.get("PASD_JAX_ATTENTION", "auto"), "device": jax.devices()[0].device_kind}
@@ -168,6 +169,7 @@ def child_torch(args) -> dict:
     first, steady = _timed(run, args.repeats)
     return {"framework": "diffusers", "what": "stock ControlNet + UNet", "compile_s": None, "first_s": first,
             "step_s": steady, "flops": flops, "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads(),
+            "weights_gb": sum(p.numel() * p.element_size() for m in (unet, controlnet) for p in m.parameters()) / 2**30,
             "device": "cpu"}
 
 
@@ -193,6 +195,20 @@ def _run_child(which: str, args) -> dict | None:
     return json.loads(lines[-1])
 
 
+def _report(r: dict, which: str, args, top, prefix: str = "") -> None:
+    from pasd_jax.perf import peak
+
+    comp = f"compile {r['compile_s']:.1f} s, " if r["compile_s"] is not None else ""
+    extra = f", attention {r['attention']}" if which == "jax" else f", {r['threads']} threads"
+    if which == "jax" and r.get("dr_net_s_per_image") is not None:
+        extra += (f"; DR net once per image: {r['dr_net_s_per_image']:.3f} s, "
+                  f"{r['dr_net_flops_per_image'] / 1e9:.1f} GFLOP (not in the step)")
+    print(f"{prefix}{r['framework']:9s} {r['what']}: {comp}first {r['first_s']:.2f} s, step {r['step_s']:.3f} s "
+          f"(median of {args.repeats}), {r['flops'] / 1e9:.0f} GFLOP, {peak.describe(r['flops'], r['step_s'], top)}, "
+          f"peak RSS {r['peak_rss_gb']:.2f} GiB (weights {r['weights_gb']:.2f} GiB, "
+          f"the rest {r['peak_rss_gb'] - r['weights_gb']:.2f} GiB){extra}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", type=int, default=32, help="latent side (image side 8×)")
@@ -206,6 +222,9 @@ def main() -> None:
     ap.add_argument("--only", choices=("jax", "torch"), default=None)
     ap.add_argument("--attention", choices=("auto", "xla", "chunked"), default=None,
                     help="PASD_JAX_ATTENTION for the JAX child (default: its environment, else auto)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the frameworks alternately this many times (a noisy machine: the ratio of the "
+                         "medians and every round's own ratio are printed)")
     ap.add_argument("--min-free-gb", type=float, default=2.0)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one chip (default: table)")
     ap.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
@@ -217,24 +236,30 @@ def main() -> None:
 
     top = peak.peak_tflops(override=args.peak_tflops, dtype="float32")
     print(f"one CFG step (batch 2), latent {args.latent}², SD1.5-size random weights, float32", flush=True)
-    results = {}
-    for which in ([args.only] if args.only else ["jax", "torch"]):
-        r = _run_child(which, args)
-        if r is None:
-            continue
-        results[which] = r
-        comp = f"compile {r['compile_s']:.1f} s, " if r["compile_s"] is not None else ""
-        extra = f", attention {r['attention']}" if which == "jax" else f", {r['threads']} threads"
-        if which == "jax" and r.get("dr_net_s_per_image") is not None:
-            extra += (f"; DR net once per image: {r['dr_net_s_per_image']:.3f} s, "
-                      f"{r['dr_net_flops_per_image'] / 1e9:.1f} GFLOP (not in the step)")
-        print(f"{r['framework']:9s} {r['what']}: {comp}first {r['first_s']:.2f} s, step {r['step_s']:.3f} s "
-              f"(median of {args.repeats}), {r['flops'] / 1e9:.0f} GFLOP, {peak.describe(r['flops'], r['step_s'], top)}, "
-              f"peak RSS {r['peak_rss_gb']:.2f} GiB{extra}", flush=True)
+    results, rounds = {}, []
+    for rnd in range(args.rounds):
+        this = {}
+        for which in ([args.only] if args.only else ["jax", "torch"]):
+            r = _run_child(which, args)
+            if r is None:
+                continue
+            this[which] = r
+            _report(r, which, args, top, f"round {rnd + 1}: " if args.rounds > 1 else "")
+        rounds.append(this)
+    for which in ("jax", "torch"):
+        runs = [r[which] for r in rounds if which in r]
+        if runs:
+            results[which] = dict(runs[-1], step_s=statistics.median(r["step_s"] for r in runs),
+                                  step_s_rounds=[r["step_s"] for r in runs],
+                                  peak_rss_gb=max(r["peak_rss_gb"] for r in runs))
     if len(results) == 2:
         ratio = results["jax"]["step_s"] / results["torch"]["step_s"]
-        print(f"time ratio pasd-jax / diffusers: {ratio:.2f}; memory ratio "
-              f"{results['jax']['peak_rss_gb'] / results['torch']['peak_rss_gb']:.2f}", flush=True)
+        per_round = [r["jax"]["step_s"] / r["torch"]["step_s"] for r in rounds if len(r) == 2]
+        rest = lambda r: r["peak_rss_gb"] - r["weights_gb"]  # noqa: E731
+        each = f" (rounds: {', '.join(f'{x:.2f}' for x in per_round)})" if len(per_round) > 1 else ""
+        print(f"time ratio pasd-jax / diffusers: {ratio:.2f}{each}; memory ratio "
+              f"{results['jax']['peak_rss_gb'] / results['torch']['peak_rss_gb']:.2f} "
+              f"(beyond the weights: {rest(results['jax']) / rest(results['torch']):.2f})", flush=True)
     print(json.dumps({"latent": args.latent, **{k: v for k, v in results.items()}}))
     sys.exit(0 if results else 1)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from pasd_jax.models.configs import check_supported, module_kwargs, one_of
 from pasd_jax.models.sd_trunk import TRUNK_RULES, SDTrunk
-from pasd_jax.nn.resnet import conv2d
+from pasd_jax.nn.resnet import Conv2d, conv2d
 from pasd_jax.nn.rrdb import RRDB
 
 # Top-level params that `ControlNetModel.from_unet` copies from the UNet (diffusers semantics).
@@ -34,8 +34,8 @@ NUM_RRDB = 2  # PASD hard-codes two RRDBs in the DR preprocesser
 def zero_conv(features: int, kernel: int = 1, *, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Conv:
     """diffusers `zero_module(nn.Conv2d(...))`: kernel and bias initialised to zeros, padding k//2."""
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype,
-                   param_dtype=param_dtype, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+    return Conv2d(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype,
+                  param_dtype=param_dtype, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
 
 
 class ControlNetConditioningEmbedding(nn.Module):

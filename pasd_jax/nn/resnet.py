@@ -14,6 +14,40 @@ import jax
 import jax.numpy as jnp
 
 
+class Conv2d(nn.Conv):
+    """`nn.Conv` (same parameters, same result) that computes a convolution whose input is smaller
+    than its kernel in both spatial dims as patches · kernel (a dot).
+
+    XLA swaps the operands of such a convolution (the input becomes the kernel: the weights are
+    reversed and convolved in a batch-as-feature layout), which on XLA:CPU runs a 3×3 1280→1280 conv
+    on a [2, 2, 2, 1280] input in ~350 ms instead of ~10 ms: SD1.5's 2×2 lowest level at a 16²
+    latent made one CFG step 2.4× slower than diffusers'. Only explicit padding (as `conv2d` makes)
+    and no dilation/groups take that path. x: [B, H, W, Cin] -> [B, H', W', features].
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        kh, kw = self.kernel_size
+        small = inputs.ndim == 4 and inputs.shape[1] < kh and inputs.shape[2] < kw
+        pair = lambda v: (1, 1) if v is None else tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        if not small or isinstance(self.padding, str) or self.feature_group_count != 1 or any(
+                d != 1 for d in pair(self.kernel_dilation) + pair(self.input_dilation)):
+            return super().__call__(inputs)
+        cin = inputs.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, cin, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        (pt, pb), (pl, pr) = self.padding
+        sh, sw = pair(self.strides)
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+        patches = jnp.concatenate([x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                                   for i in range(kh) for j in range(kw)], axis=-1)  # (i, j, c) order
+        y = jax.lax.dot_general(patches, kernel.reshape(kh * kw * cin, self.features),
+                                (((3,), (0,)), ((), ())), precision=self.precision)
+        return y if bias is None else y + bias
+
+
 def conv2d(features: int, kernel: int = 3, *, stride: int = 1, padding: Optional[int] = None,
            dtype=jnp.float32, param_dtype=jnp.float32, name: Optional[str] = None) -> nn.Conv:
     """A torch-style `Conv2d` with symmetric explicit padding (default `(kernel-1)//2`).
@@ -22,8 +56,8 @@ def conv2d(features: int, kernel: int = 3, *, stride: int = 1, padding: Optional
     pads (1, 1), which picks different pixels (PASD_REFERENCE §10).
     """
     pad = (kernel - 1) // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+    return Conv2d(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BatchPooledGroupNorm(nn.GroupNorm):

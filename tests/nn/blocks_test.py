@@ -1,12 +1,13 @@
 """Block-level parity of `pasd_jax.nn` against diffusers (fp32, ~1e-5 per block)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pasd_jax.nn.attention import Attention, Transformer2DModel
-from pasd_jax.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D, nearest_resize
+from pasd_jax.nn.resnet import Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, nearest_resize
 from pasd_jax.nn.unet_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, UpBlock2D
 from tests.torch_oracle import assert_close, flax_params_from_torch, nchw, nhwc, randomize_norms
 
@@ -33,6 +34,24 @@ def test_resnet_block(cin, cout):
     params = flax_params_from_torch(ref, ours, nhwc(x), temb.numpy())
     got = ours.apply({"params": params}, nhwc(x), temb.numpy())
     assert_close(nchw(got), ref(x, temb).detach().numpy())
+
+
+@pytest.mark.parametrize("size,stride", [((2, 2), 1), ((1, 1), 1), ((2, 1), 2), ((2, 2), 2)])
+def test_conv_on_input_smaller_than_kernel(size, stride):
+    """A 3×3 conv on a 1×1 / 2×2 input (SD's lowest level at small latents) goes through the
+    patches·kernel path: torch's Conv2d values, nn.Conv's parameter tree, and no operand-swapped
+    (weight-reversing) convolution in the compiled program."""
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(24, 20, 3, stride=stride, padding=1).eval()
+    x = _randn(2, 24, *size)
+    ours = Conv2d(20, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+    params = flax_params_from_torch(ref, ours, nhwc(x))
+    got = ours.apply({"params": params}, nhwc(x))
+    assert_close(nchw(got), ref(x).detach().numpy())
+    plain = jax.eval_shape(lambda: nn.Conv(20, (3, 3), padding=((1, 1), (1, 1))).init(jax.random.key(0), nhwc(x)))
+    assert jax.tree_util.tree_map(jnp.shape, plain["params"]) == jax.tree_util.tree_map(jnp.shape, params)
+    hlo = jax.jit(lambda p, x: ours.apply({"params": p}, x)).lower(params, nhwc(x)).compile().as_text()
+    assert "convolution(" not in hlo and "reverse" not in hlo
 
 
 @pytest.mark.parametrize("size", [(8, 6), (7, 5)])
