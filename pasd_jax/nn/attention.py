@@ -37,10 +37,10 @@ _implementation = os.environ.get("PASD_JAX_ATTENTION", "auto")
 #: at SD1.5's 4096-token first level and never forms the full matrix (measured: benchmarks/notes).
 CHUNK_THRESHOLD = 2**22
 #: Query / key rows per block of the chunked kernel: a [B, H, 512, 512] float32 score block is
-#: 16 MiB at B·H = 16 (a CFG pair of SD1.5's 8 heads). On a 2-core CPU, [2, 4096, 8, 40] self-
-#: attention takes 0.44 s with 512×512 blocks, 0.52 s with 256×256, 0.46 s with 512×256, 0.55 s
-#: with 1024×512 and 0.87 s with 128×128 (XLA's full-score attention: 2.24 s); one SD1.5-size CFG
-#: step at a 64² latent goes from 15.7 s (256×256) to 13.8–14.9 s (`benchmarks/cfg_step.py --latent 64`).
+#: 16 MiB at B·H = 16 (a CFG pair of SD1.5's 8 heads). On a 2-core CPU (with the folded reductions
+#: and the row sums in p·[v, 1]), [2, 4096, 8, 40] self-attention takes 0.37 s with 512×512 blocks,
+#: 0.37 s with 1024×256, 0.38-0.39 s with 512×256 or 256×512, 0.45 s with 256×256 and 0.47-0.49 s
+#: with 512×128 or 128×512 (XLA's full-score attention: 2.24 s; torch SDPA: 0.21 s).
 QUERY_BLOCK = 512
 KEY_BLOCK = 512
 
