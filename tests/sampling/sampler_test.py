@@ -136,6 +136,28 @@ def test_dr_net_feature_computed_once_equals_per_call(models):
         models.controlnet.apply({"params": p["controlnet"]}, latents, jnp.zeros((1,), jnp.int32), inp.text[:1], None)
 
 
+def _conv_inputs(jaxpr, inside_scan=False):
+    """(lhs shape, inside a scan?) of every convolution in a closed jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append((tuple(eqn.invars[0].aval.shape), inside_scan))
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found += _conv_inputs(sub, inside_scan or eqn.primitive.name == "scan")
+    return found
+
+
+def test_dr_net_runs_before_the_scan_not_in_it(models, sampler):
+    """No convolution at the LQ image's resolution inside the denoising scan: the DR net (the
+    only network at 8× the latent size) runs once per run, on the B images (not the 2B CFG batch)."""
+    inp = _inputs(models, seed=0)
+    jaxpr = jax.make_jaxpr(sampler._sample_traced)(models.params, inp).jaxpr
+    at_image = [(shape, in_scan) for shape, in_scan in _conv_inputs(jaxpr) if shape[1:3] == inp.lq.shape[1:3]]
+    assert at_image and not any(in_scan for _, in_scan in at_image)
+    assert {shape[0] for shape, _ in at_image} == {inp.lq.shape[0]}
+    assert any(in_scan for _, in_scan in _conv_inputs(jaxpr))  # the networks themselves are in the scan
+
+
 def test_guidance_off_equals_scale_one(models):
     on = Sampler(models, SamplerSettings(num_steps=STEPS))
     off = Sampler(models, SamplerSettings(num_steps=STEPS, guidance=False))
