@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
@@ -142,7 +143,7 @@ def _conv_inputs(jaxpr, inside_scan=False):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "conv_general_dilated":
             found.append((tuple(eqn.invars[0].aval.shape), inside_scan))
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax_core.jaxprs_in_params(eqn.params):
             found += _conv_inputs(sub, inside_scan or eqn.primitive.name == "scan")
     return found
 
