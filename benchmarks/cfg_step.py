@@ -229,6 +229,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one chip (default: table)")
     ap.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        ap.error("--rounds and --repeats must be at least 1")
     if args.child:
         print(json.dumps((child_jax if args.child == "jax" else child_torch)(args)), flush=True)
         return

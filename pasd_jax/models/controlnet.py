@@ -176,7 +176,7 @@ class ControlNetModel(SDTrunk):
         if self.global_pool_conditions:
             down_res = [jnp.mean(r, axis=(1, 2), keepdims=True) for r in down_res]
             mid_res = jnp.mean(mid_res, axis=(1, 2), keepdims=True)
-        return (rgbs if self.return_rgbs and rgbs is not None else None), down_res, mid_res
+        return (rgbs if self.return_rgbs else None), down_res, mid_res
 
     def init_inputs(self, batch: int = 1) -> dict:
         """Dummy kwargs for `init` / `eval_shape` (smallest latent that survives every downsample)."""

@@ -30,7 +30,8 @@ class Conv2d(nn.Conv):
         kh, kw = self.kernel_size
         small = inputs.ndim == 4 and inputs.shape[1] < kh and inputs.shape[2] < kw
         pair = lambda v: (1, 1) if v is None else tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        if not small or isinstance(self.padding, str) or self.feature_group_count != 1 or any(
+        explicit = not isinstance(self.padding, (str, int)) and all(len(p) == 2 for p in self.padding)
+        if not small or not explicit or self.feature_group_count != 1 or any(
                 d != 1 for d in pair(self.kernel_dilation) + pair(self.input_dilation)):
             return super().__call__(inputs)
         cin = inputs.shape[-1]
