@@ -7,7 +7,9 @@ on the LQ image alone, so our sampler runs it once per image before the steps (`
 the default: its one-image time and FLOPs are printed apart) and `--dr-net step` puts it back in
 every step. diffusers' is the stock `ControlNetModel.from_unet` + `UNet2DConditionModel` as its
 pipeline runs it (conditioning stem in every step), which does fewer FLOPs (no PACA);
-`--family stock` runs our stock UNet instead, the same network as diffusers'. Each framework runs in its own child process, one
+`--family stock` runs our stock UNet instead, the same network as diffusers'; `--torch pasd` gives
+the PyTorch side the PASD UNet too (`torch_pasd.py`: PACA added to diffusers' UNet, checked against
+ours by a test), the same network in both frameworks. Each framework runs in its own child process, one
 after the other, so `ru_maxrss` is that framework's peak resident memory; a watchdog kills a
 child when the machine's available memory falls below `--min-free-gb`. Prints compile (JAX) or
 first-call time, the median step time of `--repeats`, counted FLOPs (`pasd_jax.perf`), FLOP/s,
@@ -16,6 +18,7 @@ MFU where the device has a known peak, and peak RSS; the last line is one JSON o
     python benchmarks/cfg_step.py --latent 32                 # both frameworks
     python benchmarks/cfg_step.py --latent 64 --only jax --attention xla   # A/B the attention kernel
     python benchmarks/cfg_step.py --latent 32 --family stock   # same network as diffusers'
+    python benchmarks/cfg_step.py --latent 64 --torch pasd     # PASD UNet in both frameworks
     python benchmarks/cfg_step.py --latent 32 --rrdb --dr-net step --only jax   # the DR net per step
 """
 
@@ -136,25 +139,38 @@ def child_torch(args) -> dict:
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
+    import torch_pasd
     from pasd_jax.fixtures import sd15
 
     clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     config = clean(sd15.configs("stock")["unet"])
+    pasd = args.torch == "pasd"
     b, lat = 2, args.latent
+
+    def build():
+        unet = UNet2DConditionModel(**config)
+        controlnet = ControlNetModel.from_unet(unet)
+        if pasd:  # PACA in the up blocks (the PASD UNet); the ControlNet keeps diffusers' stem
+            torch_pasd.add_pixel_attentions(unet)
+        return unet, controlnet
+
+    def forward(unet, controlnet, x, t, text, cond):
+        down, mid = controlnet(x, t, text, cond, return_dict=False)
+        if pasd:
+            return torch_pasd.pasd_unet_forward(unet, x, t, text, down, mid)
+        return unet(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
     with torch.device("meta"):  # FLOPs on shapes only; the bmm processor so torch counts attention too
-        unet_m = UNet2DConditionModel(**config)
-        cn_m = ControlNetModel.from_unet(unet_m)
+        unet_m, cn_m = build()
         for m in (unet_m, cn_m):
             m.set_attn_processor(AttnProcessor())
-        xm, tm, cm = torch.zeros(b, 4, lat, lat), torch.full((b,), 500), torch.zeros(b, 77, 768)
         with FlopCounterMode(display=False) as counter:
-            down, mid = cn_m(xm, tm, cm, torch.zeros(b, 3, 8 * lat, 8 * lat), return_dict=False)
-            unet_m(xm, tm, cm, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            forward(unet_m, cn_m, torch.zeros(b, 4, lat, lat), torch.full((b,), 500), torch.zeros(b, 77, 768),
+                    torch.zeros(b, 3, 8 * lat, 8 * lat))
     flops = counter.get_total_flops()
     del unet_m, cn_m
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config).eval()
-    controlnet = ControlNetModel.from_unet(unet).eval()
+    unet, controlnet = (m.eval() for m in build())
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, 4, lat, lat, generator=gen)
     text = torch.randn(b, 77, 768, generator=gen)
@@ -163,11 +179,11 @@ def child_torch(args) -> dict:
 
     def run():
         with torch.inference_mode():
-            down, mid = controlnet(x, t, text, cond, return_dict=False)
-            unet(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            forward(unet, controlnet, x, t, text, cond)
 
     first, steady = _timed(run, args.repeats)
-    return {"framework": "diffusers", "what": "stock ControlNet + UNet", "compile_s": None, "first_s": first,
+    what = ("stock ControlNet + PASD UNet (torch_pasd.py)" if pasd else "stock ControlNet + UNet")
+    return {"framework": "diffusers", "what": what, "compile_s": None, "first_s": first,
             "step_s": steady, "flops": flops, "peak_rss_gb": _peak_rss_gb(), "threads": torch.get_num_threads(),
             "weights_gb": sum(p.numel() * p.element_size() for m in (unet, controlnet) for p in m.parameters()) / 2**30,
             "device": "cpu"}
@@ -175,7 +191,7 @@ def child_torch(args) -> dict:
 
 def _run_child(which: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--child", which, "--latent", str(args.latent), "--repeats", str(args.repeats),
-           "--family", args.family, "--dr-net", args.dr_net] + (["--rrdb"] if args.rrdb else [])
+           "--family", args.family, "--dr-net", args.dr_net, "--torch", args.torch] + (["--rrdb"] if args.rrdb else [])
     env = dict(os.environ)
     if args.attention:
         env["PASD_JAX_ATTENTION"] = args.attention
@@ -219,6 +235,10 @@ def main() -> None:
     ap.add_argument("--dr-net", choices=("hoisted", "step"), default="hoisted",
                     help="hoisted: the step gets the DR-net feature computed once per image, as our sampler "
                          "runs it (its cost is printed apart); step: the DR net inside every step")
+    ap.add_argument("--torch", choices=("stock", "pasd"), default="stock",
+                    help="the PyTorch side: stock (diffusers' ControlNet + UNet, the issue's baseline) or "
+                         "pasd (the same ControlNet + the PASD UNet with PACA of benchmarks/torch_pasd.py: "
+                         "the same network as ours, in PyTorch)")
     ap.add_argument("--only", choices=("jax", "torch"), default=None)
     ap.add_argument("--attention", choices=("auto", "xla", "chunked"), default=None,
                     help="PASD_JAX_ATTENTION for the JAX child (default: its environment, else auto)")
