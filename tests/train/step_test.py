@@ -38,7 +38,10 @@ def setup():
 
 
 def _optim(grad_accum: int):
-    return make_optimizer(SimpleNamespace(lr=1e-3, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
+    # eps = 1: Adam's first update is lr * g / (|g| + eps) ~ lr * g, so it keeps the gradient's scale
+    # (a wrong 1/k shows) and is well conditioned. With eps = 1e-8 it is lr * sign(g), which flips for
+    # gradients near zero when the summation order changes (1 element in 8192 did so on CI).
+    return make_optimizer(SimpleNamespace(lr=1e-3, warmup_steps=0, b1=0.9, b2=0.999, eps=1.0, weight_decay=1e-2,
                                           clip_norm=1.0, grad_accum=grad_accum))
 
 
@@ -63,8 +66,12 @@ def test_grad_accum_gives_the_update_of_one_big_batch(setup):
         results[k] = (state, metrics)
     (big, m_big), (acc, m_acc) = results[1], results[2]
     np.testing.assert_allclose(float(m_acc["loss"]), float(m_big["loss"]), rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(acc.params), jax.tree_util.tree_leaves(big.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    leaves = zip(jax.tree_util.tree_leaves_with_path(acc.params), jax.tree_util.tree_leaves(big.params),
+                 jax.tree_util.tree_leaves(trainable))
+    for (path, a), b, t in leaves:  # the updates agree to 0.1 % of the largest update in each tensor
+        da, db = np.asarray(a, np.float64) - np.asarray(t), np.asarray(b, np.float64) - np.asarray(t)
+        np.testing.assert_allclose(da, db, rtol=1e-3, atol=1e-3 * np.abs(db).max() + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
     changed = [not np.allclose(np.asarray(a), np.asarray(t)) for a, t in
                zip(jax.tree_util.tree_leaves(acc.params), jax.tree_util.tree_leaves(trainable))]
     assert sum(changed) > len(changed) // 2  # the accumulated update really moved the parameters
