@@ -140,10 +140,9 @@ def child_torch(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     import torch_pasd
-    from pasd_jax.fixtures import sd15
+    from pasd_jax.fixtures import diffusers_kwargs, sd15
 
-    clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    config = clean(sd15.configs("stock")["unet"])
+    config = diffusers_kwargs(sd15.configs("stock")["unet"])
     pasd = args.torch == "pasd"
     b, lat = 2, args.latent
 

@@ -30,7 +30,7 @@ from pasd_jax.assembly import defaults, registry
 from pasd_jax.assembly.bundle import PASDBundle
 from pasd_jax.assembly.init import init_params
 from pasd_jax.diffusion.schedule import NoiseSchedule
-from pasd_jax.fixtures import sd15, tiny
+from pasd_jax.fixtures import diffusers_kwargs, sd15, tiny
 from pasd_jax.perf import model_flops, peak
 from pasd_jax.imaging import tiling
 from pasd_jax.sampling import defaults as sampling_defaults
@@ -120,17 +120,16 @@ def bench_torch(args, size: int, batch: int = 1) -> float | None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     cfgs = tiny.tiny_configs("stock") if args.tiny else sd15.configs("stock")
-    clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**clean(cfgs["unet"]))
+    unet = diffusers.UNet2DConditionModel(**diffusers_kwargs(cfgs["unet"]))
     controlnet = diffusers.ControlNetModel.from_unet(unet)
     if args.tiny:
         controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 24, 32))
-    vae = diffusers.AutoencoderKL(**clean(cfgs["vae"]))
+    vae = diffusers.AutoencoderKL(**diffusers_kwargs(cfgs["vae"]))
     import transformers
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**{
         k: v for k, v in cfgs["text_encoder"].items() if k not in ("architectures", "model_type")}))
-    scheduler = diffusers.DDIMScheduler(**clean(defaults.SCHEDULER))
+    scheduler = diffusers.DDIMScheduler(**diffusers_kwargs(defaults.SCHEDULER))
     pipe = diffusers.StableDiffusionControlNetPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet, controlnet=controlnet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(dev, dtype)

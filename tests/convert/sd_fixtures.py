@@ -20,7 +20,7 @@ import numpy as np
 
 from convert import ldm
 from pasd_jax.assembly import defaults
-from pasd_jax.fixtures import tiny
+from pasd_jax.fixtures import diffusers_kwargs, tiny
 
 torch = None  # imported by `_torch()` so that collecting this module never needs torch
 
@@ -35,7 +35,7 @@ def _torch():
 
 def unet_config(model_type: str = "sd1") -> dict:
     """The tiny smoke-model UNet layout with SD's context width and 32 norm groups."""
-    config = {k: v for k, v in tiny.tiny_unet_config("stock").items() if not k.startswith("_")}
+    config = diffusers_kwargs(tiny.tiny_unet_config("stock"))
     config.update(cross_attention_dim=768 if model_type == "sd1" else 1024, norm_num_groups=32,
                   attention_head_dim=8 if model_type == "sd1" else 2, use_linear_projection=model_type == "sd2")
     return config

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from pasd_jax.fixtures import diffusers_kwargs
 from pasd_jax.fixtures.tiny import tiny_unet_config
 from pasd_jax.models import unet as unet_lib
 from tests.torch_oracle import assert_close, flax_params_from_torch, nchw, nhwc, randomize_norms
@@ -24,17 +25,13 @@ def _torch_pasd():
     return module
 
 
-def _clean(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
 def test_torch_pasd_unet_has_the_reference_keys_and_shapes(reference_dir):
     torch = pytest.importorskip("torch")
     from diffusers import UNet2DConditionModel
 
     ref = json.loads((reference_dir / "keys" / "pasd_unet.json").read_text())
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_clean(ref["config"]))
+        unet = UNet2DConditionModel(**diffusers_kwargs(ref["config"]))
         _torch_pasd().add_pixel_attentions(unet)
     got = {k: list(v.shape) for k, v in unet.state_dict().items()}
     assert got == {k: list(v) for k, v in ref["keys"].items()}
@@ -47,7 +44,7 @@ def test_torch_pasd_unet_matches_ours():
     tp = _torch_pasd()
     config = tiny_unet_config("pasd")
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**_clean(config)).eval()
+    ref = UNet2DConditionModel(**diffusers_kwargs(config)).eval()
     tp.add_pixel_attentions(ref)
     randomize_norms(ref)
     ours = unet_lib.from_config(config)

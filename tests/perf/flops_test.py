@@ -137,11 +137,10 @@ def test_stock_unet_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from pasd_jax.assembly import registry
-    from pasd_jax.fixtures import tiny
+    from pasd_jax.fixtures import diffusers_kwargs, tiny
 
     config = tiny.tiny_unet_config("stock")
-    clean = {k: v for k, v in config.items() if not k.startswith("_")}
-    ref = TorchUNet(**clean).eval()
+    ref = TorchUNet(**diffusers_kwargs(config)).eval()
     # torch's counter has no rule for the CPU SDPA kernel (it counts 0): use the bmm processor.
     ref.set_attn_processor(AttnProcessor())
     b, side, length = 2, 16, 7
